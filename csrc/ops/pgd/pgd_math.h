@@ -1,0 +1,73 @@
+// The arithmetic of one projected-gradient step, shared by the CPU and CUDA drivers.
+//
+// L-inf: x <- clamp(clamp(x + alpha * sign(g), x0 - eps, x0 + eps), lo, hi)
+// L2:    x <- clamp(x0 + s_proj * (x + s_step * g - x0), lo, hi)
+//        with s_step = alpha / ||g||_2 (0 when g == 0) and
+//        s_proj = min(1, eps / ||x + s_step * g - x0||_2), both per sample.
+//
+// Everything here is branch-light and free of libm calls, so the CPU loop vectorises.
+#pragma once
+
+#include "../../common/host_device.h"
+
+namespace safedl {
+namespace pgd {
+
+// sign(g) in {-1, 0, +1}; NaN maps to 0 like a zero gradient would.
+template <typename T>
+SAFEDL_HOST_DEVICE T sign_of(T g) {
+  return static_cast<T>(static_cast<int>(g > T(0)) - static_cast<int>(g < T(0)));
+}
+
+// min/max written as comparisons (not fminf/fmaxf): vectorisable, and a NaN in v passes
+// through, as torch.clamp does.
+template <typename T>
+SAFEDL_HOST_DEVICE T clamp_to(T v, T lo, T hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
+// One L-inf step for one element. The order of operations matches the pure-PyTorch
+// reference exactly, so float32 results are bit-identical to it.
+template <typename T>
+SAFEDL_HOST_DEVICE T linf_step(T x, T x0, T g, T alpha, T eps, T lo, T hi) {
+  const T stepped = x + alpha * sign_of(g);
+  const T in_ball = clamp_to(stepped, x0 - eps, x0 + eps);
+  return clamp_to(in_ball, lo, hi);
+}
+
+// Projection of an element onto the L-inf ball and the box, without a step
+// (used after a random start).
+template <typename T>
+SAFEDL_HOST_DEVICE T linf_project(T x, T x0, T eps, T lo, T hi) {
+  return clamp_to(clamp_to(x, x0 - eps, x0 + eps), lo, hi);
+}
+
+// Per-sample factor that turns g into a step of L2 length alpha: alpha / ||g||.
+// A zero (or NaN) gradient gives 0: the sample does not move.
+template <typename T>
+SAFEDL_HOST_DEVICE T l2_step_scale(T alpha, T grad_norm) {
+  return grad_norm > T(0) ? alpha / grad_norm : T(0);
+}
+
+// Per-sample factor that shrinks a perturbation of L2 length delta_norm onto the
+// ball of radius eps: min(1, eps / delta_norm).
+template <typename T>
+SAFEDL_HOST_DEVICE T l2_project_scale(T eps, T delta_norm) {
+  return delta_norm > eps ? eps / delta_norm : T(1);
+}
+
+// delta for one element after the L2 step (before projection).
+template <typename T>
+SAFEDL_HOST_DEVICE T l2_delta(T x, T x0, T g, T step_scale) {
+  return (x + step_scale * g) - x0;
+}
+
+// Final value of one element after projection onto the ball and the box.
+template <typename T>
+SAFEDL_HOST_DEVICE T l2_finish(T x0, T delta, T project_scale, T lo, T hi) {
+  return clamp_to(x0 + delta * project_scale, lo, hi);
+}
+
+}  // namespace pgd
+}  // namespace safedl

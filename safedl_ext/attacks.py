@@ -1,0 +1,689 @@
+"""Attack engine: FGSM and PGD (L-inf, L2) on the fused native step, robustness tables.
+
+All attacks work on [0, 1] images (``lo``/``hi`` change the box), take gradients with
+respect to the input only (the model's parameters are frozen for the duration and the
+model is put in eval mode, then restored), and return an :class:`AttackResult`:
+the adversarial examples and, per sample, whether the attack succeeded.
+
+Success is tracked at every step: the first adversarial example found for a sample is
+the one returned, so the robust accuracy of ``early_stop=True`` (which stops spending
+forward/backward passes on samples already fooled) equals that of the plain loop under
+the same seed. Restarts are stacked into one batch of ``restarts * N`` rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .models import model_device_dtype
+from .report import machine_info, markdown_table, write_json_atomic, write_text_atomic
+
+__all__ = [
+    "FGSM",
+    "PGD",
+    "Attack",
+    "AttackResult",
+    "RobustnessReport",
+    "attack_loss",
+    "default_attacks",
+    "evaluate",
+    "fgsm",
+    "is_success",
+    "pgd",
+    "transfer_evaluate",
+]
+
+NormName = Literal["linf", "l2"]
+LossName = Literal["ce", "margin", "dlr"]
+_NORMS = ("linf", "l2")
+_LOSSES = ("ce", "margin", "dlr")
+
+
+class AttackResult(NamedTuple):
+    """What an attack returns.
+
+    Attributes:
+        x_adv: (N, ...) adversarial examples, inside the eps-ball around ``x`` and the box.
+            For a sample the attack fooled, the first fooling iterate found; otherwise the
+            final iterate of the restart with the highest loss.
+        success: (N,) bool. Untargeted: ``x_adv`` is misclassified (a sample already
+            misclassified clean counts as a success with ``x_adv == x``). Targeted:
+            ``x_adv`` is classified as the target.
+    """
+
+    x_adv: Tensor
+    success: Tensor
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _other_max(logits: Tensor, y: Tensor) -> Tensor:
+    """max_{j != y} logits[:, j], shape (N,)."""
+    masked = logits.scatter(1, y[:, None], float("-inf"))
+    return masked.amax(dim=1)
+
+
+def attack_loss(logits: Tensor, y: Tensor, loss: LossName = "ce", targeted: bool = False) -> Tensor:
+    """Per-sample objective the attack ascends, shape (N,).
+
+    Args:
+        logits: (N, K) model outputs.
+        y: (N,) true labels (untargeted) or target labels (targeted).
+        loss: ``"ce"`` cross-entropy; ``"margin"`` the Carlini-Wagner logit margin;
+            ``"dlr"`` the difference-of-logits ratio of Croce & Hein (2020), untargeted
+            only (needs K >= 3).
+        targeted: ascend towards ``y`` instead of away from it.
+    """
+    z = logits.float()
+    if loss == "ce":
+        ce = F.cross_entropy(z, y, reduction="none")
+        return -ce if targeted else ce
+    if loss == "margin":
+        z_y = z.gather(1, y[:, None]).squeeze(1)
+        other = _other_max(z, y)
+        return z_y - other if targeted else other - z_y
+    if loss == "dlr":
+        if targeted:
+            raise ValueError("loss='dlr' is untargeted only; use loss='margin' or 'ce' "
+                             "with targeted=True")
+        if z.shape[1] < 3:
+            raise ValueError(f"loss='dlr' needs at least 3 classes, got {z.shape[1]}")
+        top = z.topk(3, dim=1).values
+        z_y = z.gather(1, y[:, None]).squeeze(1)
+        return -(z_y - _other_max(z, y)) / (top[:, 0] - top[:, 2] + 1e-12)
+    raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
+
+
+def is_success(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
+    """(N,) bool: misclassified (untargeted) or classified as the target (targeted)."""
+    pred = logits.argmax(dim=1)
+    return pred == y if targeted else pred != y
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _check_model_data(model: Callable[[Tensor], Tensor], x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, ...) with at least 2 dims, got {tuple(x.shape)}")
+    if isinstance(model, nn.Module):
+        dev, dt = model_device_dtype(model)
+        if dev is not None and dev != x.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {dev}")
+        if dt is not None and dt != x.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters have {dt}")
+    elif not callable(model):
+        raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+
+
+def _check_labels(y: Tensor, x: Tensor, name: str = "y") -> None:
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 labels, got {type(y).__name__}")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must hold integer class labels, got {y.dtype}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"{name} must have shape ({x.shape[0]},) to match x, got "
+                         f"{tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"{name} is on {y.device} but x is on {x.device}")
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"{name} must hold labels >= 0, got {int(y.min())}")
+
+
+def _check_label_range(logits: Tensor, y: Tensor) -> None:
+    if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
+        raise ValueError(f"model must return (N, K) logits with N={y.shape[0]}, got "
+                         f"{tuple(logits.shape)}")
+    k = logits.shape[1]
+    if y.numel() and int(y.max()) >= k:
+        raise ValueError(f"y must hold labels in [0, {k}) for a model with {k} outputs, got "
+                         f"{int(y.max())}")
+
+
+def _check_box(x: Tensor, lo: float, hi: float) -> None:
+    if not lo < hi:
+        raise ValueError(f"lo must be < hi, got lo={lo} hi={hi}")
+    if x.numel() == 0:
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or Inf")
+    mn, mx = float(x.min()), float(x.max())
+    if mn < lo or mx > hi:
+        raise ValueError(f"x must lie in [lo, hi] = [{lo}, {hi}], got values in [{mn:.4g}, "
+                         f"{mx:.4g}]; models take [0, 1] images (normalize inside the model)")
+
+
+def _budget(value: float | Tensor, name: str, x: Tensor, positive: bool = False) -> Tensor:
+    """eps/alpha as a float tensor on x's device: one value or (N,)."""
+    n = x.shape[0]
+    if isinstance(value, Tensor):
+        t = value.detach().to(device=x.device, dtype=torch.float64)
+        if not (t.numel() == 1 or t.shape == (n,)):
+            raise ValueError(f"{name} must be a float or a tensor of shape ({n},), got shape "
+                             f"{tuple(t.shape)}")
+        t = t.reshape(-1)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        t = torch.tensor([float(value)], device=x.device, dtype=torch.float64)
+    else:
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if bool((t < 0).any()) or (positive and bool((t <= 0).any())):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got "
+                         f"{value if not isinstance(value, Tensor) else t.min().item()}")
+    return t.to(ops.reference.opmath_dtype(x.dtype))
+
+
+# ------------------------------------------------------------------------ attack loop
+
+
+@contextlib.contextmanager
+def _attack_mode(model: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration; both restored afterwards."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    was_training = model.training
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
+def _first_per_owner(mask: Tensor, owner: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Rows where ``mask`` holds, reduced to the first such row of each owner.
+
+    Returns (owners, rows), both 1-D, one entry per owner that has a masked row.
+    """
+    rows = mask.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return rows, rows
+    first = torch.full((n,), mask.numel(), dtype=torch.long, device=mask.device)
+    first.scatter_reduce_(0, owner[rows], rows, reduce="amin")
+    owners = (first < mask.numel()).nonzero().squeeze(1)
+    return owners, first[owners]
+
+
+def _autocast_ctx(x: Tensor, autocast: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if autocast is None:
+        return contextlib.nullcontext()
+    if x.device.type != "cuda":
+        raise ValueError(f"autocast is supported on CUDA only, got x on {x.device}")
+    if autocast not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"autocast must be torch.float16 or torch.bfloat16, got {autocast}")
+    return torch.autocast("cuda", dtype=autocast)
+
+
+def pgd(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float | Tensor = 8 / 255,
+    alpha: float | Tensor | None = None,
+    steps: int = 10,
+    norm: NormName = "linf",
+    random_start: bool = True,
+    restarts: int = 1,
+    targeted: bool = False,
+    loss: LossName = "ce",
+    early_stop: bool = False,
+    lo: float = 0.0,
+    hi: float = 1.0,
+    generator: torch.Generator | None = None,
+    autocast: torch.dtype | None = None,
+) -> AttackResult:
+    """Projected gradient descent (Madry et al. 2018), L-inf or L2, on the fused step.
+
+    Args:
+        model: maps (N, ...) inputs in [lo, hi] to (N, K) logits.
+        x: (N, ...) clean inputs in [lo, hi].
+        y: (N,) int labels: true labels, or target labels when ``targeted``.
+        eps: radius of the ball (pixel units; L2 length for ``norm="l2"``), a float or an
+            (N,) tensor so several radii share one batch.
+        alpha: step size per iteration; default ``eps / 4`` (2/255 at eps = 8/255).
+        steps: number of gradient steps (>= 1).
+        norm: ``"linf"`` or ``"l2"``.
+        random_start: start from a uniform random point of the ball (else from ``x``).
+        restarts: independent random starts, stacked into one batch of restarts*N rows.
+        targeted: move towards the label ``y`` instead of away from it.
+        loss: ``"ce"``, ``"margin"`` (Carlini-Wagner) or ``"dlr"`` (untargeted only).
+        early_stop: stop spending steps on samples already fooled. Robust accuracy is the
+            same as without it; only wall time changes.
+        lo, hi: the box of valid inputs.
+        generator: source of the random start (a CPU generator reproduces on any device).
+        autocast: ``torch.float16``/``torch.bfloat16`` to run the model under CUDA autocast.
+
+    Returns:
+        :class:`AttackResult` with ``x_adv`` (N, ...) and ``success`` (N,) bool.
+    """
+    _check_model_data(model, x)
+    _check_labels(y, x)
+    _check_box(x, lo, hi)
+    if norm not in _NORMS:
+        raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+    if loss not in _LOSSES:
+        raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
+    if loss == "dlr" and targeted:
+        raise ValueError("loss='dlr' is untargeted only; use loss='margin' or 'ce' with "
+                         "targeted=True")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 1:
+        raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
+    eps_t = _budget(eps, "eps", x)
+    alpha_t = eps_t / 4 if alpha is None else _budget(alpha, "alpha", x, positive=True)
+    amp = _autocast_ctx(x, autocast)
+    n = x.shape[0]
+    if n == 0:
+        return AttackResult(x.detach().clone(), torch.zeros(0, dtype=torch.bool, device=x.device))
+    with _attack_mode(model):
+        return _pgd_loop(model, x.detach(), y, eps_t, alpha_t, steps, norm, random_start,
+                         restarts, targeted, loss, early_stop, lo, hi, generator, amp)
+
+
+def _pgd_loop(model, x, y, eps_t, alpha_t, steps, norm, random_start, restarts, targeted,
+              loss, early_stop, lo, hi, generator, amp) -> AttackResult:
+    n, r = x.shape[0], restarts
+    rep = (r,) + (1,) * (x.dim() - 1)
+    x0 = x.repeat(rep) if r > 1 else x
+    ys = y.long().repeat(r)
+    owner = torch.arange(n, device=x.device).repeat(r)
+    eps_s = eps_t.repeat(r) if eps_t.numel() > 1 else eps_t
+    alpha_s = alpha_t.repeat(r) if alpha_t.numel() > 1 else alpha_t
+    if random_start:
+        xa = ops.random_start(x0, eps_s, norm, lo, hi, generator)
+    else:
+        xa = x0.clone()
+    best = x.clone()
+    found = torch.zeros(n, dtype=torch.bool, device=x.device)
+    native = ops.backend() == "native"
+    checked_labels = False
+    for t in range(steps + 1):
+        last = t == steps
+        with torch.set_grad_enabled(not last):
+            xa.requires_grad_(not last)
+            with amp:
+                logits = model(xa)
+            if not checked_labels:
+                _check_label_range(logits, ys)
+                checked_labels = True
+            per = attack_loss(logits, ys, loss, targeted)
+            if not last:
+                (grad,) = torch.autograd.grad(per.sum(), xa)
+            xa = xa.detach()
+        with torch.no_grad():
+            succ = is_success(logits, ys, targeted) & ~found[owner]
+            owners, rows = _first_per_owner(succ, owner, n)
+            if owners.numel():
+                best[owners] = xa[rows]
+                found[owners] = True
+            if last:
+                # Samples never fooled: the final iterate of the restart with highest loss.
+                open_rows = ~found[owner]
+                if bool(open_rows.any()):
+                    score = torch.where(open_rows, per.detach(), float("-inf"))
+                    top = torch.full((n,), float("-inf"), device=x.device)
+                    top.scatter_reduce_(0, owner, score, reduce="amax")
+                    pick = open_rows & (score >= top[owner])
+                    owners, rows = _first_per_owner(pick, owner, n)
+                    best[owners] = xa[rows]
+                break
+            if early_stop:
+                keep = ~found[owner]
+                if not bool(keep.all()):
+                    if not bool(keep.any()):
+                        break
+                    idx = keep.nonzero().squeeze(1)
+                    xa, x0, grad, ys, owner = xa[idx], x0[idx], grad[idx], ys[idx], owner[idx]
+                    eps_s = eps_s[idx] if eps_s.numel() > 1 else eps_s
+                    alpha_s = alpha_s[idx] if alpha_s.numel() > 1 else alpha_s
+            if native:
+                torch.ops.safedl.pgd_step_(xa, x0, grad, alpha_s, eps_s, norm, lo, hi)
+            else:
+                ops.pgd_step_(xa, x0, grad, alpha_s, eps_s, norm, lo, hi)
+    return AttackResult(best, found)
+
+
+def fgsm(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float | Tensor = 8 / 255,
+    norm: NormName = "linf",
+    targeted: bool = False,
+    loss: LossName = "ce",
+    lo: float = 0.0,
+    hi: float = 1.0,
+    autocast: torch.dtype | None = None,
+) -> AttackResult:
+    """Fast gradient sign method (Goodfellow et al. 2015): one step of size ``eps`` from
+    ``x`` (for ``norm="l2"``, the fast gradient method: one L2 step of length ``eps``).
+    Arguments as in :func:`pgd`."""
+    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm=norm, random_start=False,
+               targeted=targeted, loss=loss, lo=lo, hi=hi, autocast=autocast)
+
+
+# ------------------------------------------------------------------------ class forms
+
+
+class Attack:
+    """An attack bound to a model and its settings; call it with ``(x, y)``."""
+
+    name: str = "attack"
+
+    def __init__(self, model: Callable[[Tensor], Tensor]) -> None:
+        self.model = model
+
+    def __call__(self, x: Tensor, y: Tensor) -> AttackResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.settings()})"
+
+    def settings(self) -> dict[str, Any]:
+        """The attack's settings, for reports."""
+        return {}
+
+
+class PGD(Attack):
+    """Class form of :func:`pgd`: ``PGD(model, eps=8/255, alpha=2/255, steps=10)(x, y)``.
+
+    ``seed`` (default 0) makes every call reproducible: each call draws its random start
+    from a fresh CPU generator seeded with it. ``seed=None`` uses the global generator.
+    """
+
+    name = "PGD"
+
+    def __init__(
+        self,
+        model: Callable[[Tensor], Tensor],
+        eps: float = 8 / 255,
+        alpha: float | None = None,
+        steps: int = 10,
+        norm: NormName = "linf",
+        random_start: bool = True,
+        restarts: int = 1,
+        targeted: bool = False,
+        loss: LossName = "ce",
+        early_stop: bool = False,
+        lo: float = 0.0,
+        hi: float = 1.0,
+        seed: int | None = 0,
+        autocast: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(model)
+        self.kwargs: dict[str, Any] = dict(
+            eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start,
+            restarts=restarts, targeted=targeted, loss=loss, early_stop=early_stop, lo=lo,
+            hi=hi, autocast=autocast)
+        self.seed = seed
+
+    def __call__(self, x: Tensor, y: Tensor) -> AttackResult:
+        gen = None
+        if self.seed is not None:
+            gen = torch.Generator().manual_seed(self.seed)
+        return pgd(self.model, x, y, generator=gen, **self.kwargs)
+
+    def settings(self) -> dict[str, Any]:
+        s = {k: v for k, v in self.kwargs.items() if k != "autocast"}
+        s["alpha"] = s["eps"] / 4 if s["alpha"] is None else s["alpha"]
+        return {**s, "seed": self.seed}
+
+
+class FGSM(Attack):
+    """Class form of :func:`fgsm`: ``FGSM(model, eps=8/255)(x, y)``."""
+
+    name = "FGSM"
+
+    def __init__(
+        self,
+        model: Callable[[Tensor], Tensor],
+        eps: float = 8 / 255,
+        norm: NormName = "linf",
+        targeted: bool = False,
+        loss: LossName = "ce",
+        lo: float = 0.0,
+        hi: float = 1.0,
+        autocast: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(model)
+        self.kwargs: dict[str, Any] = dict(eps=eps, norm=norm, targeted=targeted, loss=loss,
+                                           lo=lo, hi=hi, autocast=autocast)
+
+    def __call__(self, x: Tensor, y: Tensor) -> AttackResult:
+        return fgsm(self.model, x, y, **self.kwargs)
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in self.kwargs.items() if k != "autocast"}
+
+
+def default_attacks(
+    model: Callable[[Tensor], Tensor],
+    eps: float = 8 / 255,
+    *,
+    pgd_steps: Iterable[int] = (5, 10, 20),
+    alpha: float | None = None,
+    norm: NormName = "linf",
+    early_stop: bool = True,
+    seed: int | None = 0,
+) -> dict[str, Attack]:
+    """The thesis's columns: FGSM and PGD-k for each k in ``pgd_steps`` (step ``eps/4``
+    unless ``alpha`` is given, random start), at radius ``eps``."""
+    attacks: dict[str, Attack] = {"FGSM": FGSM(model, eps=eps, norm=norm)}
+    for k in pgd_steps:
+        attacks[f"PGD{k}"] = PGD(model, eps=eps, alpha=alpha, steps=k, norm=norm,
+                                 early_stop=early_stop, seed=seed)
+    return attacks
+
+
+# ------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class RobustnessReport:
+    """Accuracy under each attack, as the thesis's tables give it.
+
+    Attributes:
+        accuracy: column name -> accuracy in percent (``"Clean"`` first).
+        n: number of evaluated samples.
+        seconds: column name -> wall seconds spent on it.
+        settings: column name -> the attack's settings.
+        kind: ``"white-box"`` or ``"transfer"``.
+        meta: machine, torch version, backend, eps, ...
+    """
+
+    accuracy: dict[str, float]
+    n: int
+    seconds: dict[str, float]
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kind: str = "white-box"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (JSON-serialisable)."""
+        return {"kind": self.kind, "n": self.n, "accuracy": dict(self.accuracy),
+                "seconds": dict(self.seconds), "settings": _jsonable(self.settings),
+                "meta": _jsonable(self.meta)}
+
+    def to_markdown(self, label: str = "model") -> str:
+        """One-row Markdown table: ``| | Clean | FGSM | PGD5 | ... |`` in percent."""
+        cols = list(self.accuracy)
+        return markdown_table(["", *cols], [[label, *(self.accuracy[c] for c in cols)]])
+
+    def to_json(self, path: str | None = None) -> str:
+        """JSON text; also written atomically to ``path`` when given."""
+        import json
+
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            write_json_atomic(path, self.to_dict())
+        return text
+
+    def save(self, folder: str, stem: str = "robustness") -> None:
+        """Write ``<stem>.json`` and ``<stem>.md`` into ``folder`` (atomically)."""
+        write_json_atomic(f"{folder}/{stem}.json", self.to_dict())
+        write_text_atomic(f"{folder}/{stem}.md", self.to_markdown() + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def _batches(data: Any, batch_size: int) -> tuple[Iterable[tuple[Tensor, Tensor]], int | None]:
+    """(iterable of (x, y) batches, number of batches if known)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor)
+                                                                  for t in data):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"data: x and y must have the same length, got {x.shape[0]} "
+                             f"and {y.shape[0]}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = x.shape[0]
+        return ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)), \
+            math.ceil(n / batch_size)
+    if isinstance(data, Iterable):
+        try:
+            total = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        return data, total
+    raise TypeError("data must be a (x, y) tuple of tensors or an iterable of (x, y) batches "
+                    f"such as a DataLoader, got {type(data).__name__}")
+
+
+def _run_table(
+    victim: Callable[[Tensor], Tensor],
+    data: Any,
+    attacks: Mapping[str, Attack | Callable[[Tensor, Tensor], AttackResult]],
+    *,
+    transfer: bool,
+    device: torch.device | str | None,
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> RobustnessReport:
+    from tqdm.auto import tqdm
+
+    batches, total = _batches(data, batch_size)
+    correct = {"Clean": 0, **{name: 0 for name in attacks}}
+    seconds = dict.fromkeys(correct, 0.0)
+    n = 0
+    for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            raise TypeError("each batch must be an (x, y) pair")
+        xb, yb = batch[0], batch[1]
+        if device is not None:
+            xb, yb = xb.to(device), yb.to(device)
+        _check_model_data(victim, xb)
+        _check_labels(yb, xb)
+        t0 = time.perf_counter()
+        with _attack_mode(victim), torch.no_grad():
+            correct["Clean"] += int((victim(xb).argmax(1) == yb).sum())
+        seconds["Clean"] += time.perf_counter() - t0
+        for name, attack in attacks.items():
+            t0 = time.perf_counter()
+            res = attack(xb, yb)
+            if transfer:
+                with _attack_mode(victim), torch.no_grad():
+                    correct[name] += int((victim(res.x_adv).argmax(1) == yb).sum())
+            else:
+                correct[name] += int((~res.success).sum())
+            seconds[name] += time.perf_counter() - t0
+        n += xb.shape[0]
+    if n == 0:
+        raise ValueError("data holds no samples")
+    settings = {name: a.settings() for name, a in attacks.items() if isinstance(a, Attack)}
+    return RobustnessReport(
+        accuracy={k: 100.0 * v / n for k, v in correct.items()}, n=n,
+        seconds={k: round(v, 4) for k, v in seconds.items()}, settings=settings,
+        kind="transfer" if transfer else "white-box", meta=dict(machine_info()))
+
+
+def evaluate(
+    model: Callable[[Tensor], Tensor],
+    data: Any,
+    attacks: Mapping[str, Attack | Callable[[Tensor, Tensor], AttackResult]] | None = None,
+    *,
+    eps: float = 8 / 255,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> RobustnessReport:
+    """Robust accuracy of ``model`` under each attack (white-box), like the thesis's tables.
+
+    Args:
+        model: maps [0, 1] images to logits.
+        data: an ``(x, y)`` pair of tensors (batched by ``batch_size``) or any iterable of
+            ``(x, y)`` batches, e.g. a ``DataLoader``.
+        attacks: column name -> attack (callable ``(x, y) -> AttackResult``); default
+            :func:`default_attacks` (FGSM, PGD5, PGD10, PGD20 at ``eps``, early stop on).
+        eps: radius for the default attacks (pixel units).
+        device: move each batch there first (default: leave it where it is).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        :class:`RobustnessReport`; ``accuracy["Clean"]`` and one column per attack, in %.
+    """
+    if attacks is None:
+        attacks = default_attacks(model, eps)
+    report = _run_table(model, data, attacks, transfer=False, device=device,
+                        batch_size=batch_size, progress=progress, desc="evaluate")
+    report.meta["eps"] = eps
+    return report
+
+
+def transfer_evaluate(
+    surrogate: Callable[[Tensor], Tensor],
+    target: Callable[[Tensor], Tensor],
+    data: Any,
+    attacks: Mapping[str, Attack | Callable[[Tensor, Tensor], AttackResult]] | None = None,
+    *,
+    eps: float = 8 / 255,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> RobustnessReport:
+    """Black-box transfer: craft on ``surrogate``, measure the accuracy of ``target``
+    (the thesis's Table 3.5 setting). Default attacks are :func:`default_attacks` on the
+    surrogate with early stop off (stopping at the surrogate's first fooling iterate would
+    weaken the transfer). ``accuracy["Clean"]`` is the target's clean accuracy."""
+    if attacks is None:
+        attacks = default_attacks(surrogate, eps, early_stop=False)
+    report = _run_table(target, data, attacks, transfer=True, device=device,
+                        batch_size=batch_size, progress=progress, desc="transfer")
+    report.meta["eps"] = eps
+    return report
