@@ -57,7 +57,9 @@ def _extensions() -> tuple[list, dict]:
     cpp = sorted(str(p.relative_to(ROOT)) for p in csrc.rglob("*.cpp"))
     cu = sorted(str(p.relative_to(ROOT)) for p in csrc.rglob("*.cu"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = [*opt, "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    # No -std flag: BuildExtension picks the standard the installed torch needs
+    # (C++17 for torch 2.13, C++20 for 2.14).
+    cxx = [*opt, "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     extra_link = ["-fopenmp"]
     include_dirs = [str(csrc)]
     kwargs: dict = {
@@ -71,7 +73,7 @@ def _extensions() -> tuple[list, dict]:
             # No GPU to ask: Ampere and Hopper, plus PTX for anything newer.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         include_dirs.extend(_nvidia_include_dirs())
-        nvcc = [*opt, "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = [*opt, "--expt-relaxed-constexpr", "-lineinfo"]
         if debug:
             nvcc.append("-G")
         ext = CUDAExtension(

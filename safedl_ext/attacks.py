@@ -312,10 +312,7 @@ def _pgd_loop(model, x, y, eps_t, alpha_t, steps, norm, random_start, restarts, 
     owner = torch.arange(n, device=x.device).repeat(r)
     eps_s = eps_t.repeat(r) if eps_t.numel() > 1 else eps_t
     alpha_s = alpha_t.repeat(r) if alpha_t.numel() > 1 else alpha_t
-    if random_start:
-        xa = ops.random_start(x0, eps_s, norm, lo, hi, generator)
-    else:
-        xa = x0.clone()
+    xa = ops.random_start(x0, eps_s, norm, lo, hi, generator) if random_start else x0.clone()
     best = x.clone()
     found = torch.zeros(n, dtype=torch.bool, device=x.device)
     native = ops.backend() == "native"

@@ -37,12 +37,16 @@ _NATIVE_ERROR: str | None = None
 
 
 def _find_library() -> str | None:
+    """``$SAFEDL_LIBRARY`` when set (a build kept outside the package), else the
+    extension module built into the package folder."""
+    override = os.environ.get("SAFEDL_LIBRARY")
+    if override:
+        return override
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         hits = sorted(glob.glob(str(_PKG_DIR / f"_C{suffix}")))
         if hits:
             return hits[0]
-    override = os.environ.get("SAFEDL_LIBRARY")
-    return override if override and os.path.exists(override) else None
+    return None
 
 
 def _load() -> None:
@@ -88,7 +92,7 @@ def has_cuda_kernels() -> bool:
 if _NATIVE:
 
     @torch.library.register_fake("safedl::pgd_step_")
-    def _pgd_step_fake(x_adv, x0, grad, alpha, eps, norm, lo, hi) -> None:  # noqa: ARG001
+    def _pgd_step_fake(x_adv, x0, grad, alpha, eps, norm, lo, hi) -> None:
         return None
 
 

@@ -1,0 +1,51 @@
+# safedl_ext — the two commands that do all set-up on a fresh machine:
+#   make demo   main job: robustness table of a standard CNN on scikit-learn digits
+#   make test   lint + the whole test suite on the native build (SAFEDL_REQUIRE_NATIVE=1)
+# Set VENV to keep the environment elsewhere (CI caches it outside the clone).
+
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+CUDA_VENV ?= $(HOME)/.cache/safedl_ext/venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup build demo test lint bench cuda-check cmake-test asan-test gpu-check clean
+
+setup:
+	scripts/setup-venv.sh $(VENV) $(TORCH_SPEC)
+
+build: setup
+
+demo: setup
+	$(PY) -m safedl_ext evaluate --dataset digits --out runs/digits
+
+lint: setup
+	$(VENV)/bin/ruff check safedl_ext tests bench setup.py
+
+test: setup lint
+	SAFEDL_REQUIRE_NATIVE=1 $(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: setup
+	SAFEDL_REQUIRE_NATIVE=1 $(PY) -m pytest bench -q --benchmark-json=bench/results/cpu-raw.json
+	$(PY) bench/summarize.py bench/results/cpu-raw.json --out bench/results/cpu.json \
+		--markdown bench/results/cpu.md
+
+# Compile and link the CUDA kernels against a CUDA build of torch; no GPU needed.
+cuda-check:
+	scripts/setup-cuda-venv.sh $(CUDA_VENV) $(CUDA_TORCH_SPEC)
+	PYTHON=$(CUDA_VENV)/bin/python scripts/check-cuda-build.sh build-cuda
+
+# The same csrc/ through CMake against libtorch, with the C++ tests (ctest).
+cmake-test: setup
+	PYTHON=$(PY) scripts/cmake-test.sh build-cmake
+
+asan-test: setup
+	SAFEDL_SANITIZE=1 PYTHON=$(PY) scripts/cmake-test.sh build-asan
+
+# On a machine with a GPU: build, CUDA tests, GPU benchmarks -> bench/results/gpu-*.json
+gpu-check:
+	scripts/gpu-check.sh
+
+clean:
+	rm -rf build build-cuda build-cmake build-asan safedl_ext/_C*.so *.egg-info

@@ -1,0 +1,45 @@
+"""The ``safedl`` command line, end to end on digits."""
+
+from __future__ import annotations
+
+import json
+
+from safedl_ext.cli import eval_fraction, main
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["safedl_backend"] in ("native", "reference")
+    assert "torch" in info
+
+
+def test_evaluate_writes_reports_and_resumes_from_checkpoint(tmp_path, capsys):
+    args = ["evaluate", "--epochs", "4", "--width", "8", "--eps", "0.1,0.3", "--steps", "5",
+            "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "| eps | Clean | FGSM | PGD5 |" in table
+    report = json.loads((tmp_path / "robustness.json").read_text())
+    assert report["clean_accuracy"] > 80
+    strong = report["by_eps"]["0.3"]["accuracy"]
+    assert strong["PGD5"] < report["by_eps"]["0.1"]["accuracy"]["PGD5"]
+    assert strong["PGD5"] < 20
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "robustness.md").exists()
+    # A second run loads the checkpoint instead of training again: same numbers.
+    assert main(args) == 0
+    again = json.loads((tmp_path / "robustness.json").read_text())
+    assert again["train_seconds"] == 0.0
+    for k in report["by_eps"]:
+        assert again["by_eps"][k]["accuracy"] == report["by_eps"][k]["accuracy"]
+
+
+def test_bad_arguments_exit_cleanly(tmp_path, capsys):
+    assert main(["evaluate", "--eps", "-0.1", "--epochs", "1", "--out", str(tmp_path),
+                 "--no-progress"]) == 2
+    assert "eps must be >= 0" in capsys.readouterr().err
+
+
+def test_eval_fraction():
+    assert eval_fraction("8/255") == 8 / 255
+    assert eval_fraction("0.25") == 0.25
