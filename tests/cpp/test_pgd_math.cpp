@@ -1,0 +1,317 @@
+// Tests of csrc/ops/pgd/pgd_math.h in float and double. Dependency-free: a plain main
+// that prints every failing check and returns nonzero if any failed.
+//
+// Built a second time with SAFEDL_TEST_OPS_LIBRARY (CMake target test_safedl_ops): then
+// it links libtorch, dlopen()s the safedl_ops library (SAFEDL_OPS_LIBRARY_PATH) and
+// checks that safedl::pgd_step_ registered and runs on the CPU.
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <vector>
+
+#include "ops/pgd/pgd_math.h"
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+
+template <typename T>
+const char* type_name();
+template <>
+const char* type_name<float>() { return "float"; }
+template <>
+const char* type_name<double>() { return "double"; }
+
+#define EXPECT(cond, ...)                                                     \
+  do {                                                                       \
+    ++g_checks;                                                              \
+    if (!(cond)) {                                                           \
+      ++g_failures;                                                          \
+      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);            \
+      std::printf(__VA_ARGS__);                                              \
+      std::printf("\n");                                                     \
+    }                                                                        \
+  } while (0)
+
+// Exact (bitwise-value) equality, NaN == NaN.
+template <typename T>
+bool same(T a, T b) {
+  return (std::isnan(a) && std::isnan(b)) || a == b;
+}
+
+template <typename T>
+bool close(T a, T b, T tol) {
+  return std::fabs(a - b) <= tol;
+}
+
+}  // namespace
+
+using namespace safedl::pgd;
+
+template <typename T>
+void test_sign_of() {
+  const char* t = type_name<T>();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T inf = std::numeric_limits<T>::infinity();
+  const T tiny = std::numeric_limits<T>::denorm_min();
+  struct Case { T g, want; };
+  const Case cases[] = {{T(3), T(1)},   {T(-2), T(-1)}, {T(0), T(0)},  {T(-0.0), T(0)},
+                        {nan, T(0)},    {-nan, T(0)},   {inf, T(1)},   {-inf, T(-1)},
+                        {tiny, T(1)},   {-tiny, T(-1)}, {T(1e-30), T(1)}};
+  for (const Case& c : cases) {
+    const T got = sign_of<T>(c.g);
+    EXPECT(same(got, c.want), "[%s] sign_of(%g) = %g, want %g", t, double(c.g), double(got),
+           double(c.want));
+  }
+}
+
+template <typename T>
+void test_clamp_to() {
+  const char* t = type_name<T>();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  struct Case { T v, lo, hi, want; };
+  const Case cases[] = {{T(-1), T(0), T(1), T(0)},      {T(2), T(0), T(1), T(1)},
+                        {T(0.5), T(0), T(1), T(0.5)},   {T(0), T(0), T(1), T(0)},
+                        {T(1), T(0), T(1), T(1)},       {T(0.3), T(0.5), T(0.5), T(0.5)},
+                        {T(-5), T(-4), T(-3), T(-4)},   {T(-1), T(-4), T(-3), T(-3)}};
+  for (const Case& c : cases) {
+    const T got = clamp_to<T>(c.v, c.lo, c.hi);
+    EXPECT(same(got, c.want), "[%s] clamp_to(%g, %g, %g) = %g, want %g", t, double(c.v),
+           double(c.lo), double(c.hi), double(got), double(c.want));
+  }
+  // A NaN value passes through, as torch.clamp does.
+  EXPECT(std::isnan(clamp_to<T>(nan, T(0), T(1))), "[%s] clamp_to(NaN, 0, 1) is not NaN", t);
+}
+
+// linf_step on a grid: the result equals an independently written reference (clamp to
+// the intersection of ball and box) and lies inside both whenever x0 is in the box.
+template <typename T>
+void test_linf_step_grid() {
+  const char* t = type_name<T>();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T lo = T(0), hi = T(1);
+  const T eps_values[] = {T(0), T(8) / T(255), T(0.3)};
+  const T x0_values[] = {T(0), T(0.1), T(0.5), T(0.97), T(1)};
+  const T grad_values[] = {T(-2), T(-1e-30), T(0), T(-0.0), T(1e-30), T(3), nan};
+  int failures_before = g_failures;
+  for (T eps : eps_values) {
+    const T alpha_values[] = {T(0), T(0.01), eps / T(4), eps, T(2) * eps};
+    for (T x0 : x0_values) {
+      for (int k = -3; k <= 3; ++k) {
+        const T x = x0 + T(k) * eps / T(2);  // inside and outside the ball
+        for (T g : grad_values) {
+          for (T alpha : alpha_values) {
+            const T got = linf_step<T>(x, x0, g, alpha, eps, lo, hi);
+            // Reference: explicit sign, then clamp to [max(x0-eps, lo), min(x0+eps, hi)].
+            const T s = g > T(0) ? T(1) : (g < T(0) ? T(-1) : T(0));
+            const T stepped = x + alpha * s;
+            const T ball_lo = x0 - eps, ball_hi = x0 + eps;
+            const T low = ball_lo > lo ? ball_lo : lo;
+            const T high = ball_hi < hi ? ball_hi : hi;
+            const T want = stepped < low ? low : (stepped > high ? high : stepped);
+            EXPECT(same(got, want),
+                   "[%s] linf_step(x=%.9g, x0=%.9g, g=%g, alpha=%.9g, eps=%.9g) = %.17g, "
+                   "want %.17g", t, double(x), double(x0), double(g), double(alpha),
+                   double(eps), double(got), double(want));
+            EXPECT(got >= ball_lo && got <= ball_hi,
+                   "[%s] linf_step(x=%.9g, x0=%.9g, g=%g, alpha=%.9g, eps=%.9g) = %.17g "
+                   "outside the eps-ball", t, double(x), double(x0), double(g),
+                   double(alpha), double(eps), double(got));
+            EXPECT(got >= lo && got <= hi,
+                   "[%s] linf_step(x=%.9g, x0=%.9g, g=%g, alpha=%.9g, eps=%.9g) = %.17g "
+                   "outside the box", t, double(x), double(x0), double(g), double(alpha),
+                   double(eps), double(got));
+            // A zero (or NaN) gradient does not move x: only the projection applies.
+            if (!(g > T(0)) && !(g < T(0))) {
+              const T proj = linf_project<T>(x, x0, eps, lo, hi);
+              EXPECT(same(got, proj),
+                     "[%s] zero-grad linf_step(x=%.9g, x0=%.9g, g=%g) = %.17g, "
+                     "linf_project gives %.17g", t, double(x), double(x0), double(g),
+                     double(got), double(proj));
+            }
+            if (g_failures - failures_before > 20) return;  // enough output
+          }
+        }
+      }
+    }
+  }
+  // Zero gradient inside ball and box: x comes back unchanged.
+  const T x = T(0.25), x0 = T(0.3);
+  EXPECT(same(linf_step<T>(x, x0, T(0), T(0.01), T(0.1), lo, hi), x),
+         "[%s] zero-grad linf_step moved a point inside ball and box", t);
+  // The step itself: one alpha in the sign direction.
+  EXPECT(same(linf_step<T>(T(0.5), T(0.5), T(7), T(0.125), T(0.25), lo, hi), T(0.625)),
+         "[%s] linf_step(0.5, 0.5, +, 0.125, 0.25) != 0.625", t);
+  EXPECT(same(linf_step<T>(T(0.5), T(0.5), T(-7), T(0.5), T(0.25), lo, hi), T(0.25)),
+         "[%s] linf_step(0.5, 0.5, -, 0.5, 0.25) != 0.25 (ball clip)", t);
+  EXPECT(same(linf_step<T>(T(0.875), T(0.875), T(1), T(0.25), T(0.25), lo, hi), T(1)),
+         "[%s] linf_step(0.875, 0.875, +, 0.25, 0.25) != 1 (box clip)", t);
+}
+
+template <typename T>
+void test_l2_scales() {
+  const char* t = type_name<T>();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  // Step scale: alpha / ||g||, and 0 for a zero or NaN norm.
+  EXPECT(same(l2_step_scale<T>(T(0.5), T(0)), T(0)), "[%s] l2_step_scale(0.5, 0) != 0", t);
+  EXPECT(same(l2_step_scale<T>(T(0.5), nan), T(0)), "[%s] l2_step_scale(0.5, NaN) != 0", t);
+  EXPECT(same(l2_step_scale<T>(T(0.5), T(2)), T(0.25)), "[%s] l2_step_scale(0.5, 2) != 0.25", t);
+  EXPECT(same(l2_step_scale<T>(T(0), T(3)), T(0)), "[%s] l2_step_scale(0, 3) != 0", t);
+  // Projection scale: 1 inside the ball (and on its surface), eps / n outside.
+  EXPECT(same(l2_project_scale<T>(T(0.5), T(0)), T(1)), "[%s] l2_project_scale(0.5, 0) != 1", t);
+  EXPECT(same(l2_project_scale<T>(T(0.5), T(0.25)), T(1)),
+         "[%s] l2_project_scale(0.5, 0.25) != 1", t);
+  EXPECT(same(l2_project_scale<T>(T(0.5), T(0.5)), T(1)),
+         "[%s] l2_project_scale(0.5, 0.5) != 1", t);
+  EXPECT(same(l2_project_scale<T>(T(0.5), T(2)), T(0.25)),
+         "[%s] l2_project_scale(0.5, 2) != 0.25", t);
+  const T n = T(3), eps = T(0.7);
+  EXPECT(same(l2_project_scale<T>(eps, n), eps / n), "[%s] l2_project_scale(0.7, 3) != 0.7/3", t);
+  EXPECT(same(l2_project_scale<T>(T(0), T(1)), T(0)), "[%s] l2_project_scale(0, 1) != 0", t);
+}
+
+// One full L2 step on a 2-element sample, the way the CPU driver does it.
+template <typename T>
+void l2_step_2(const T x[2], const T x0[2], const T g[2], T alpha, T eps, T lo, T hi,
+               T out[2]) {
+  const T step = l2_step_scale<T>(alpha, std::sqrt(g[0] * g[0] + g[1] * g[1]));
+  T delta[2];
+  for (int j = 0; j < 2; ++j) delta[j] = l2_delta<T>(x[j], x0[j], g[j], step);
+  const T proj =
+      l2_project_scale<T>(eps, std::sqrt(delta[0] * delta[0] + delta[1] * delta[1]));
+  for (int j = 0; j < 2; ++j) out[j] = l2_finish<T>(x0[j], delta[j], proj, lo, hi);
+}
+
+template <typename T>
+void test_l2_full_step() {
+  const char* t = type_name<T>();
+  // Numbers chosen to be exact in binary, so every result is exact.
+  {
+    // ||g|| = 5, step = 1.25 / 5 = 0.25, delta = (0.75, 1.0), ||delta|| = 1.25 > eps
+    // = 0.625: scale 0.5, delta -> (0.375, 0.5), x -> (0.875, 1.0): on the box edge.
+    const T x0[2] = {T(0.5), T(0.5)}, x[2] = {T(0.5), T(0.5)}, g[2] = {T(3), T(4)};
+    T out[2];
+    l2_step_2<T>(x, x0, g, T(1.25), T(0.625), T(0), T(1), out);
+    EXPECT(same(out[0], T(0.875)) && same(out[1], T(1)),
+           "[%s] L2 step (ball projection) gave (%.17g, %.17g), want (0.875, 1)", t,
+           double(out[0]), double(out[1]));
+  }
+  {
+    // Same step from x0 = (0.75, 0.25) with g = (3, -4): delta (0.75, -1.0) -> scaled
+    // (0.375, -0.5), x -> (1.125, -0.25), then the box gives (1, 0).
+    const T x0[2] = {T(0.75), T(0.25)}, x[2] = {T(0.75), T(0.25)}, g[2] = {T(3), T(-4)};
+    T out[2];
+    l2_step_2<T>(x, x0, g, T(1.25), T(0.625), T(0), T(1), out);
+    EXPECT(same(out[0], T(1)) && same(out[1], T(0)),
+           "[%s] L2 step (box clip) gave (%.17g, %.17g), want (1, 0)", t, double(out[0]),
+           double(out[1]));
+  }
+  {
+    // Inside the ball: no projection. step = 0.5 / 5 = 0.1, delta = (0.3, 0.4) + (x - x0).
+    const T x0[2] = {T(0.5), T(0.5)}, x[2] = {T(0.5), T(0.5)}, g[2] = {T(-3), T(4)};
+    T out[2];
+    l2_step_2<T>(x, x0, g, T(0.5), T(1), T(0), T(1), out);
+    const T tol = std::numeric_limits<T>::epsilon() * T(4);
+    EXPECT(close(out[0], T(0.2), tol) && close(out[1], T(0.9), tol),
+           "[%s] L2 step (inside ball) gave (%.17g, %.17g), want (0.2, 0.9)", t,
+           double(out[0]), double(out[1]));
+  }
+  {
+    // Zero gradient: x stays where it is, only projected (here it is inside: unchanged).
+    const T x0[2] = {T(0.5), T(0.5)}, x[2] = {T(0.625), T(0.25)}, g[2] = {T(0), T(0)};
+    T out[2];
+    l2_step_2<T>(x, x0, g, T(0.5), T(1), T(0), T(1), out);
+    EXPECT(same(out[0], x[0]) && same(out[1], x[1]),
+           "[%s] zero-grad L2 step moved x: (%.17g, %.17g)", t, double(out[0]),
+           double(out[1]));
+    // ... and outside the ball it is only pulled back: delta (0.125, -0.25) has norm
+    // sqrt(0.078125); with eps = norm / 2 it halves.
+    const T eps = std::sqrt(T(0.078125)) / T(2);
+    l2_step_2<T>(x, x0, g, T(0.5), eps, T(0), T(1), out);
+    const T tol = std::numeric_limits<T>::epsilon() * T(4);
+    EXPECT(close(out[0], T(0.5625), tol) && close(out[1], T(0.375), tol),
+           "[%s] zero-grad L2 step outside the ball gave (%.17g, %.17g), want (0.5625, "
+           "0.375)", t, double(out[0]), double(out[1]));
+  }
+}
+
+template <typename T>
+void test_all() {
+  test_sign_of<T>();
+  test_clamp_to<T>();
+  test_linf_step_grid<T>();
+  test_l2_scales<T>();
+  test_l2_full_step<T>();
+}
+
+#ifdef SAFEDL_TEST_OPS_LIBRARY
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <dlfcn.h>
+
+#include <string>
+
+using PgdStepSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, c10::string_view, double,
+                        double);
+
+void test_ops_library() {
+  const c10::OperatorName name("safedl::pgd_step_", "");
+  EXPECT(!c10::Dispatcher::singleton().findSchema(name).has_value(),
+         "safedl::pgd_step_ registered before the library was loaded");
+  void* lib = dlopen(SAFEDL_OPS_LIBRARY_PATH, RTLD_NOW | RTLD_GLOBAL);
+  EXPECT(lib != nullptr, "dlopen(%s): %s", SAFEDL_OPS_LIBRARY_PATH, dlerror());
+  if (lib == nullptr) return;
+  auto handle = c10::Dispatcher::singleton().findSchema(name);
+  EXPECT(handle.has_value(), "safedl::pgd_step_ not registered after dlopen");
+  if (!handle) return;
+  EXPECT(handle->hasKernelForDispatchKey(c10::DispatchKey::CPU),
+         "safedl::pgd_step_ has no CPU kernel");
+#ifdef SAFEDL_TEST_WITH_CUDA
+  EXPECT(handle->hasKernelForDispatchKey(c10::DispatchKey::CUDA),
+         "safedl::pgd_step_ has no CUDA kernel");
+#endif
+  auto op = handle->typed<PgdStepSig>();
+
+  const at::Tensor x0 = at::full({2, 2}, 0.5, at::kFloat);
+  const at::Tensor grad = at::tensor({3.0f, 4.0f, -1.0f, 0.0f}).view({2, 2});
+  // L-inf, per-sample eps: row 0 moves by alpha, row 1 is clipped to its eps.
+  at::Tensor x = x0.clone();
+  op.call(x, x0, grad, at::tensor({0.125f}), at::tensor({0.25f, 0.0625f}), "linf", 0.0, 1.0);
+  const at::Tensor want_linf = at::tensor({0.625f, 0.625f, 0.4375f, 0.5f}).view({2, 2});
+  EXPECT(at::equal(x, want_linf), "linf pgd_step_ gave %s",
+         c10::str(x.flatten()).c_str());
+  // L2: row 0 is the hand-computed step of test_l2_full_step (-> 0.875, 1.0); row 1
+  // steps 1.25 along (-1, 0), is pulled back to 0.625 by the ball, then clipped by the box.
+  x = x0.clone();
+  op.call(x, x0, grad, at::tensor({1.25f}), at::tensor({0.625f}), "l2", 0.0, 1.0);
+  const at::Tensor want_l2 = at::tensor({0.875f, 1.0f, 0.0f, 0.5f}).view({2, 2});
+  EXPECT(at::equal(x, want_l2), "l2 pgd_step_ gave %s", c10::str(x.flatten()).c_str());
+  // Bad arguments raise, not crash.
+  bool threw = false;
+  try {
+    op.call(x, x0, grad, at::tensor({0.1f}), at::tensor({0.1f}), "l3", 0.0, 1.0);
+  } catch (const c10::Error&) {
+    threw = true;
+  }
+  EXPECT(threw, "pgd_step_ with norm='l3' did not throw");
+}
+#endif
+
+int main() {
+#ifdef SAFEDL_TEST_OPS_LIBRARY
+  test_ops_library();
+  const char* what = "safedl_ops library";
+#else
+  test_all<float>();
+  test_all<double>();
+  const char* what = "pgd_math";
+#endif
+  if (g_failures != 0) {
+    std::printf("%s: %d of %d checks FAILED\n", what, g_failures, g_checks);
+    return 1;
+  }
+  std::printf("%s: all %d checks passed\n", what, g_checks);
+  return 0;
+}
