@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safedl_ext import attacks, ops  # noqa: E402
-from safedl_ext.models import Normalized, SmallCNN  # noqa: E402
-from safedl_ext.report import machine_info  # noqa: E402
+from safedl_ext import attacks, ops
+from safedl_ext.models import Normalized, SmallCNN
+from safedl_ext.report import machine_info
 
 
 def cuda_median_ms(fn, reps: int = 50, warmup: int = 5) -> float:

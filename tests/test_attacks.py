@@ -84,6 +84,20 @@ def test_early_stop_same_robust_accuracy(digits_model, test_set, norm, loss):
     assert torch.allclose(plain.x_adv[plain.success], fast.x_adv[fast.success], atol=1e-6)
 
 
+def test_memory_formats_agree(digits_model, test_set):
+    x, y = test_set
+    runs = {fmt: A.pgd(digits_model, x, y, eps=0.1, steps=10, memory_format=fmt,
+                       generator=torch.Generator().manual_seed(0))
+            for fmt in ("preserve", "channels_last", "auto")}
+    rates = [r.success.float().mean().item() for r in runs.values()]
+    assert max(rates) - min(rates) <= 0.01  # only float rounding differs
+    assert torch.equal(runs["auto"].success, runs["channels_last"].success)
+    for r in runs.values():
+        assert r.x_adv.is_contiguous()  # back in x's layout
+    with pytest.raises(ValueError, match="needs 4-D"):
+        A.pgd(digits_model.net[0:0], x.flatten(1), y, memory_format="channels_last")
+
+
 def test_restarts_never_hurt(digits_model, test_set):
     x, y = test_set
     one = A.pgd(digits_model, x, y, eps=0.1, steps=5, restarts=1,

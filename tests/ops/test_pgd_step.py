@@ -90,6 +90,26 @@ def test_non_contiguous_inputs(device, norm):
 
 
 @needs_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_channels_last_inputs(device, norm):
+    x0, grad, start = _case(n=5, shape=(3, 6, 7), device=device)
+    cl = torch.channels_last
+    xa, x0c, gc = (t.contiguous(memory_format=cl) for t in (start, x0, grad))
+    ptr = xa.data_ptr()
+    a = torch.full((5,), 0.02, device=device)
+    e = torch.tensor(0.5 if norm == "l2" else 0.05, device=device)
+    want = start.clone()
+    reference.pgd_step_(want, x0, grad, a, e, norm, 0.0, 1.0)
+    torch.ops.safedl.pgd_step_(xa, x0c, gc, a, e, norm, 0.0, 1.0)
+    assert xa.data_ptr() == ptr and xa.is_contiguous(memory_format=cl)
+    if norm == "linf":
+        assert torch.equal(xa, want)
+    else:
+        torch.testing.assert_close(xa, want, rtol=1e-6, atol=1e-7)
+
+
+@needs_native
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_opcheck(norm):
     x0, grad, start = _case(n=4, shape=(3, 4, 4))

@@ -41,5 +41,19 @@ inline Norm check_step_args(const at::Tensor& x_adv, const at::Tensor& x0,
   return parse_norm(norm);
 }
 
+// True when x_adv, x0 and grad can be walked as flat arrays in memory order: each is
+// dense and non-overlapping, all three have the same strides, and every sample occupies
+// one contiguous block (the batch dimension is outermost in memory). Contiguous NCHW and
+// channels-last NHWC tensors both qualify, so neither needs a copy.
+inline bool flat_in_memory_order(const at::Tensor& x_adv, const at::Tensor& x0,
+                                 const at::Tensor& grad) {
+  for (const at::Tensor* t : {&x_adv, &x0, &grad}) {
+    if (!t->is_non_overlapping_and_dense()) return false;
+  }
+  if (x0.strides() != x_adv.strides() || grad.strides() != x_adv.strides()) return false;
+  const int64_t n = x_adv.size(0);
+  return n <= 1 || x_adv.stride(0) == x_adv.numel() / n;
+}
+
 }  // namespace pgd
 }  // namespace safedl

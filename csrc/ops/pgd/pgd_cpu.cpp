@@ -118,9 +118,11 @@ void pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x0, const at::Tenso
   if (x_adv.numel() == 0) return;
   const int64_t n = x_adv.size(0);
   const int64_t d = x_adv.numel() / n;
-  const at::Tensor x0c = x0.contiguous();
-  const at::Tensor gc = grad.contiguous();
-  const bool direct = x_adv.is_contiguous();
+  // Same-strided dense inputs (NCHW or channels-last) are used as they are; anything
+  // else is made contiguous, and x_adv is updated through a copy written back at the end.
+  const bool direct = flat_in_memory_order(x_adv, x0, grad);
+  const at::Tensor x0c = direct ? x0 : x0.contiguous();
+  const at::Tensor gc = direct ? grad : grad.contiguous();
   at::Tensor work = direct ? x_adv : x_adv.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x_adv.scalar_type(), "pgd_step_cpu", [&] {
     const at::Tensor a = alpha.to(x_adv.scalar_type()).contiguous();

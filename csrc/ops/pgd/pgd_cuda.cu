@@ -93,9 +93,11 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x0, const at::Tens
   const c10::cuda::CUDAGuard guard(x_adv.device());
   const int64_t n = x_adv.size(0);
   const int64_t d = x_adv.numel() / n;
-  const at::Tensor x0c = x0.contiguous();
-  const at::Tensor gc = grad.contiguous();
-  const bool direct = x_adv.is_contiguous();
+  // Same-strided dense inputs (NCHW or channels-last) are used as they are; anything
+  // else is made contiguous, and x_adv is updated through a copy written back at the end.
+  const bool direct = flat_in_memory_order(x_adv, x0, grad);
+  const at::Tensor x0c = direct ? x0 : x0.contiguous();
+  const at::Tensor gc = direct ? grad : grad.contiguous();
   at::Tensor work = direct ? x_adv : x_adv.contiguous();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
