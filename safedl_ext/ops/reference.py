@@ -62,7 +62,9 @@ def pgd_step_(
         flat = (n, -1)
         gnorm = torch.linalg.vector_norm(g.reshape(flat), dim=1)
         gnorm = gnorm.reshape((n,) + (1,) * (x.dim() - 1))
-        step = torch.where(gnorm > 0, a / gnorm, torch.zeros_like(gnorm))
+        step = a / gnorm
+        # Zero gradient, or one so small that alpha / ||g|| overflows: no move.
+        step = torch.where((gnorm > 0) & torch.isfinite(step), step, torch.zeros_like(step))
         delta = (x + step * g) - c
         dnorm = torch.linalg.vector_norm(delta.reshape(flat), dim=1)
         dnorm = dnorm.reshape(gnorm.shape)

@@ -158,6 +158,9 @@ void test_l2_scales() {
   EXPECT(same(l2_step_scale<T>(T(0.5), nan), T(0)), "[%s] l2_step_scale(0.5, NaN) != 0", t);
   EXPECT(same(l2_step_scale<T>(T(0.5), T(2)), T(0.25)), "[%s] l2_step_scale(0.5, 2) != 0.25", t);
   EXPECT(same(l2_step_scale<T>(T(0), T(3)), T(0)), "[%s] l2_step_scale(0, 3) != 0", t);
+  // A denormal norm: alpha / norm overflows to inf; the sample must not move.
+  EXPECT(same(l2_step_scale<T>(T(1), std::numeric_limits<T>::denorm_min()), T(0)),
+         "[%s] l2_step_scale(1, denorm_min) != 0", t);
   // Projection scale: 1 inside the ball (and on its surface), eps / n outside.
   EXPECT(same(l2_project_scale<T>(T(0.5), T(0)), T(1)), "[%s] l2_project_scale(0.5, 0) != 1", t);
   EXPECT(same(l2_project_scale<T>(T(0.5), T(0.25)), T(1)),

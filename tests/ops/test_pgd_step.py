@@ -190,6 +190,14 @@ def test_zero_gradient_does_not_move(norm):
     assert torch.equal(xa, x0)
 
 
+def test_l2_denormal_gradient_does_not_move():
+    # Found by the property test: ||g|| is a denormal, alpha / ||g|| overflows to inf.
+    x0 = torch.full((1, 1), 0.5)
+    xa = x0.clone()
+    ops.pgd_step_(xa, x0, torch.tensor([[4.28e-41]]), 1.0, 0.0, "l2")
+    assert torch.equal(xa, x0)
+
+
 def test_linf_step_direction():
     x0 = torch.full((1, 4), 0.5)
     xa = x0.clone()

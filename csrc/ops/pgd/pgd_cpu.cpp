@@ -85,6 +85,18 @@ void linf_cpu(T* __restrict__ x, const T* __restrict__ x0, const T* __restrict__
               const T* __restrict__ alpha, int64_t alpha_stride, const T* __restrict__ eps,
               int64_t eps_stride, int64_t n, int64_t d, T lo, T hi) {
   at::parallel_for(0, n * d, kGrain, [&](int64_t begin, int64_t end) {
+    if (alpha_stride == 0 && eps_stride == 0) {  // one alpha and eps: a single run
+      linf_run(x + begin, x0 + begin, g + begin, end - begin, alpha[0], eps[0], lo, hi);
+      return;
+    }
+    if (d < 64) {  // tiny samples: a call per sample would cost more than its work
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t s = i / d;
+        x[i] = linf_step<T>(x[i], x0[i], g[i], alpha[s * alpha_stride], eps[s * eps_stride],
+                            lo, hi);
+      }
+      return;
+    }
     int64_t i = begin;
     while (i < end) {
       const int64_t s = i / d;

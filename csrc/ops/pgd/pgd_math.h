@@ -8,6 +8,8 @@
 // Everything here is branch-light and free of libm calls, so the CPU loop vectorises.
 #pragma once
 
+#include <limits>
+
 #include "../../common/host_device.h"
 
 namespace safedl {
@@ -44,10 +46,12 @@ SAFEDL_HOST_DEVICE T linf_project(T x, T x0, T eps, T lo, T hi) {
 }
 
 // Per-sample factor that turns g into a step of L2 length alpha: alpha / ||g||.
-// A zero (or NaN) gradient gives 0: the sample does not move.
+// A zero (or NaN) gradient gives 0: the sample does not move. So does a gradient so
+// small (a denormal norm) that alpha / ||g|| overflows to infinity.
 template <typename T>
 SAFEDL_HOST_DEVICE T l2_step_scale(T alpha, T grad_norm) {
-  return grad_norm > T(0) ? alpha / grad_norm : T(0);
+  const T s = grad_norm > T(0) ? alpha / grad_norm : T(0);
+  return s <= std::numeric_limits<T>::max() ? s : T(0);
 }
 
 // Per-sample factor that shrinks a perturbation of L2 length delta_norm onto the

@@ -1,0 +1,221 @@
+"""Summarize a pytest-benchmark JSON of ``bench/``: medians, speed-up ratios, targets.
+
+Usage::
+
+    python bench/summarize.py RAW_JSON --out SUMMARY_JSON [--markdown SUMMARY_MD]
+
+Ratios are ``baseline median / native median`` within a group (> 1: native is faster).
+Targets (exit code stays 0 when one is missed; the summary marks it MISS):
+
+* ``pgd_step-linf``: native op >= 3x the fastest in-place pure-PyTorch chain and >= 8x
+  the torchattacks-style out-of-place chain.
+* ``pgd20-attack``: ``pgd(early_stop=True)`` >= 2x the torchattacks-style loop, with robust
+  accuracy within 1 percentage point; ``pgd(early_stop=False)`` >= 1.1x.
+
+Everything else (wrapper overhead, reference, L2) is reported for information.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# (name, group, native role, baseline role (the fastest of that role is used), min ratio)
+TARGETS = [
+    ("fused L-inf step vs best in-place chain", "pgd_step-linf", "native",
+     "baseline-inplace", 3.0),
+    ("fused L-inf step vs torchattacks-style chain", "pgd_step-linf", "native",
+     "baseline-outofplace", 8.0),
+    ("PGD-20 early_stop=True vs torchattacks-style loop", "pgd20-attack", "native-earlystop",
+     "baseline-torchattacks", 2.0),
+    ("PGD-20 early_stop=False vs torchattacks-style loop", "pgd20-attack", "native",
+     "baseline-torchattacks", 1.1),
+]
+# (name, group, role of the faster side, role of the slower side): information only
+INFO = [
+    ("L-inf: wrapper overhead (wrapper / raw op)", "pgd_step-linf", "native", "wrapper"),
+    ("L-inf: reference / raw op", "pgd_step-linf", "native", "reference"),
+    ("L-inf: single-pass memory floor (addcmul_) / raw op", "pgd_step-linf", "native",
+     "floor"),
+    ("L2: reference / raw op", "pgd_step-l2", "native", "reference"),
+    ("L2: torchattacks-style chain / raw op", "pgd_step-l2", "native", "baseline-outofplace"),
+    ("L2: wrapper overhead (wrapper / raw op)", "pgd_step-l2", "native", "wrapper"),
+    ("PGD-20 early_stop=False, input layout kept (memory_format='preserve') vs "
+     "torchattacks-style loop", "pgd20-attack", "native-preserve", "baseline-torchattacks"),
+    ("PGD-20: channels-last iterates vs kept layout (both early_stop=False)", "pgd20-attack",
+     "native", "native-preserve"),
+]
+ACC_TOLERANCE_PP = 1.0
+
+
+def _machine() -> dict[str, Any]:
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        from safedl_ext.report import machine_info
+
+        return dict(machine_info())
+    except Exception as exc:  # a report must not die on a missing extension
+        return {"error": f"machine_info unavailable: {exc}"}
+
+
+def _rows(raw: dict) -> list[dict[str, Any]]:
+    rows = []
+    for b in raw.get("benchmarks", []):
+        extra = b.get("extra_info", {})
+        st = b["stats"]
+        row = {
+            "group": b.get("group") or extra.get("group") or "",
+            "name": b["name"],
+            "variant": extra.get("variant", b["name"]),
+            "role": extra.get("role", "?"),
+            "median_ms": st["median"] * 1e3,
+            "iqr_ms": st["iqr"] * 1e3,
+            "min_ms": st["min"] * 1e3,
+            "rounds": st["rounds"],
+            "iterations": st.get("iterations", 1),
+        }
+        for key in ("robust_acc", "clean_acc_batch", "clean_acc_test1000", "threads"):
+            if key in extra:
+                row[key] = extra[key]
+        rows.append(row)
+    return rows
+
+
+def _pick(rows, group: str, role: str) -> dict[str, Any] | None:
+    """The fastest (lowest median) benchmark of ``role`` in ``group``."""
+    cands = [r for r in rows if r["group"] == group and r["role"] == role]
+    return min(cands, key=lambda r: r["median_ms"]) if cands else None
+
+
+def summarize(raw: dict) -> dict[str, Any]:
+    rows = _rows(raw)
+    # Per-benchmark ratio against the group's native op (where the group has one).
+    for r in rows:
+        nat = _pick(rows, r["group"], "native")
+        r["ratio_vs_native"] = (r["median_ms"] / nat["median_ms"]) if nat else None
+
+    targets = []
+    for name, group, nrole, brole, need in TARGETS:
+        nat, base = _pick(rows, group, nrole), _pick(rows, group, brole)
+        t: dict[str, Any] = {"target": name, "group": group, "native": None, "baseline": None,
+                             "required": need, "ratio": None, "status": "NOT RUN",
+                             "pass": None}
+        if nat and base:
+            ratio = base["median_ms"] / nat["median_ms"]
+            ok = ratio >= need
+            t.update(native=nat["variant"], native_median_ms=nat["median_ms"],
+                     baseline=base["variant"], baseline_median_ms=base["median_ms"],
+                     ratio=ratio, speed_vs_target=ratio / need)
+            if "robust_acc" in nat and "robust_acc" in base:
+                diff_pp = 100.0 * (nat["robust_acc"] - base["robust_acc"])
+                t.update(native_robust_acc=nat["robust_acc"],
+                         baseline_robust_acc=base["robust_acc"], robust_acc_diff_pp=diff_pp)
+                if nrole == "native-earlystop":
+                    acc_ok = abs(diff_pp) <= ACC_TOLERANCE_PP
+                    t["robust_acc_within_1pp"] = acc_ok
+                    ok = ok and acc_ok
+            t["pass"] = ok
+            t["status"] = "PASS" if ok else "MISS"
+        targets.append(t)
+
+    info = []
+    for name, group, frole, srole in INFO:
+        fast, slow = _pick(rows, group, frole), _pick(rows, group, srole)
+        if fast and slow:
+            info.append({"what": name, "group": group,
+                         "ratio": slow["median_ms"] / fast["median_ms"]})
+
+    threads = sorted({r["threads"] for r in rows if "threads" in r})
+    commit = raw.get("commit_info", {})
+    machine = _machine()
+    return {
+        "date": raw.get("datetime"),
+        "commit": {"id": commit.get("id"), "dirty": commit.get("dirty")},
+        "machine": machine,
+        "torch": machine.get("torch"),
+        "bench_threads": threads[0] if len(threads) == 1 else threads,
+        "benchmarks": rows,
+        "targets": targets,
+        "info": info,
+        "all_targets_pass": all(t["pass"] for t in targets),
+    }
+
+
+def _f(v: Any, nd: int = 2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def _acc(v: Any) -> str:
+    return "" if v is None else f"{100 * v:.1f}%"
+
+
+def markdown(s: dict[str, Any]) -> str:
+    m = s["machine"]
+    lines = [
+        f"CPU benchmarks, {s['date']}: {m.get('processor', '?')}, {s['bench_threads']} torch "
+        f"threads, torch {s['torch']}, backend {m.get('safedl_backend', '?')}. "
+        "Medians; ratio = this benchmark's median / the group's native-op median.",
+        "",
+        "| group | benchmark | role | median (ms) | IQR (ms) | rounds | ratio | robust acc |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in s["benchmarks"]:
+        lines.append(
+            f"| {r['group']} | {r['variant']} | {r['role']} | {_f(r['median_ms'], 3)} | "
+            f"{_f(r['iqr_ms'], 3)} | {r['rounds']} | {_f(r['ratio_vs_native'])} | "
+            f"{_acc(r.get('robust_acc'))} |")
+    lines += ["", "| target | native (ms) | baseline (ms) | speed-up | required | "
+              "robust acc (native / baseline) | status |", "|---|---:|---:|---:|---:|---|---|"]
+    for t in s["targets"]:
+        acc = ""
+        if "native_robust_acc" in t:
+            acc = (f"{_acc(t['native_robust_acc'])} / {_acc(t['baseline_robust_acc'])} "
+                   f"({t['robust_acc_diff_pp']:+.1f} pp)")
+        status = t["status"] if t["status"] != "MISS" else "**MISS**"
+        if t["status"] == "MISS" and t.get("ratio") is not None and t["ratio"] < t["required"]:
+            status += f" ({t['speed_vs_target']:.0%} of target)"
+        lines.append(
+            f"| {t['target']} | {_f(t.get('native_median_ms'), 3)} | "
+            f"{_f(t.get('baseline_median_ms'), 3)} | {_f(t['ratio'])}x | {t['required']:g}x | "
+            f"{acc} | {status} |")
+    if s["info"]:
+        lines += ["", "Information only: " + "; ".join(
+            f"{i['what']} {i['ratio']:.2f}x" for i in s["info"]) + "."]
+    clean = [r.get("clean_acc_test1000") for r in s["benchmarks"] if r.get("clean_acc_test1000")]
+    if clean:
+        lines += ["", f"Bench model clean accuracy (1,000 CIFAR-10 test images): "
+                      f"{_acc(clean[0])}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("raw", help="pytest-benchmark JSON (--benchmark-json)")
+    ap.add_argument("--out", required=True, help="summary JSON to write")
+    ap.add_argument("--markdown", help="Markdown table to write")
+    args = ap.parse_args(argv)
+    raw = json.loads(Path(args.raw).read_text())
+    s = summarize(raw)
+    sys.path.insert(0, str(REPO_ROOT))
+    from safedl_ext.report import write_json_atomic, write_text_atomic
+
+    write_json_atomic(args.out, s)
+    Path(args.out).chmod(0o644)
+    md = markdown(s)
+    if args.markdown:
+        write_text_atomic(args.markdown, md)
+        Path(args.markdown).chmod(0o644)
+    print(md, end="")
+    missed = [t["target"] for t in s["targets"] if t["status"] != "PASS"]
+    if missed:
+        print(f"\nTargets missed or not run: {', '.join(missed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
