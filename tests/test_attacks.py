@@ -224,6 +224,12 @@ def test_bad_input_is_named(digits_model, test_set, kw, exc, match):
         _bad(digits_model, test_set, **kw)
 
 
+def test_device_mismatch_is_named(test_set):
+    model = DigitsCNN(width=4).to("meta")  # parameters on another device than the data
+    with pytest.raises(ValueError, match="x is on cpu but the model's parameters are on meta"):
+        A.pgd(model, test_set[0][:4], test_set[1][:4])
+
+
 def test_steps_must_be_positive(digits_model, test_set):
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         A.pgd(digits_model, test_set[0][:4], test_set[1][:4], steps=0)
