@@ -5,6 +5,7 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <string_view>
+#include <utility>
 
 #include "../../common/checks.h"
 
@@ -53,6 +54,36 @@ inline bool flat_in_memory_order(const at::Tensor& x_adv, const at::Tensor& x0,
   if (x0.strides() != x_adv.strides() || grad.strides() != x_adv.strides()) return false;
   const int64_t n = x_adv.size(0);
   return n <= 1 || x_adv.stride(0) == x_adv.numel() / n;
+}
+
+// The operands of one step as flat arrays in memory order. Same-strided dense inputs
+// (NCHW or channels-last) are used as they are; anything else is made contiguous, and
+// x_adv is then updated through `work`, which finish() writes back.
+struct StepOperands {
+  StepOperands(const at::Tensor& x_adv_in, const at::Tensor& x0_in, const at::Tensor& grad_in)
+      : x_adv(x_adv_in),
+        direct(flat_in_memory_order(x_adv_in, x0_in, grad_in)),
+        x0(direct ? x0_in : x0_in.contiguous()),
+        grad(direct ? grad_in : grad_in.contiguous()),
+        work(direct ? x_adv_in : x_adv_in.contiguous()),
+        n(x_adv_in.size(0)),
+        d(n > 0 ? x_adv_in.numel() / n : 0) {}
+
+  void finish() const {
+    if (!direct) x_adv.copy_(work);
+  }
+
+  at::Tensor x_adv;
+  bool direct;
+  at::Tensor x0, grad, work;
+  int64_t n, d;
+};
+
+// A per-sample parameter (one value or (N,)) in the dtype the kernel computes in, and the
+// stride that reads it per sample (0: one value for all).
+inline std::pair<at::Tensor, int64_t> per_sample_param(const at::Tensor& p,
+                                                       at::ScalarType dtype) {
+  return {p.to(dtype).contiguous(), p.numel() == 1 ? 0 : 1};
 }
 
 }  // namespace pgd

@@ -128,26 +128,17 @@ void pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x0, const at::Tenso
                                     std::string_view(norm.data(), norm.size()), lo, hi);
   TORCH_CHECK_VALUE(x_adv.device().is_cpu(), "x_adv must be on the CPU for this kernel");
   if (x_adv.numel() == 0) return;
-  const int64_t n = x_adv.size(0);
-  const int64_t d = x_adv.numel() / n;
-  // Same-strided dense inputs (NCHW or channels-last) are used as they are; anything
-  // else is made contiguous, and x_adv is updated through a copy written back at the end.
-  const bool direct = flat_in_memory_order(x_adv, x0, grad);
-  const at::Tensor x0c = direct ? x0 : x0.contiguous();
-  const at::Tensor gc = direct ? grad : grad.contiguous();
-  at::Tensor work = direct ? x_adv : x_adv.contiguous();
+  const StepOperands op(x_adv, x0, grad);
   AT_DISPATCH_FLOATING_TYPES(x_adv.scalar_type(), "pgd_step_cpu", [&] {
-    const at::Tensor a = alpha.to(x_adv.scalar_type()).contiguous();
-    const at::Tensor e = eps.to(x_adv.scalar_type()).contiguous();
-    const int64_t as = a.numel() == 1 ? 0 : 1;
-    const int64_t es = e.numel() == 1 ? 0 : 1;
+    const auto [a, as] = per_sample_param(alpha, x_adv.scalar_type());
+    const auto [e, es] = per_sample_param(eps, x_adv.scalar_type());
     auto* kernel = kind == Norm::Linf ? &linf_cpu<scalar_t> : &l2_cpu<scalar_t>;
-    kernel(work.data_ptr<scalar_t>(), x0c.const_data_ptr<scalar_t>(),
-           gc.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), as,
-           e.const_data_ptr<scalar_t>(), es, n, d, static_cast<scalar_t>(lo),
+    kernel(op.work.data_ptr<scalar_t>(), op.x0.const_data_ptr<scalar_t>(),
+           op.grad.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), as,
+           e.const_data_ptr<scalar_t>(), es, op.n, op.d, static_cast<scalar_t>(lo),
            static_cast<scalar_t>(hi));
   });
-  if (!direct) x_adv.copy_(work);
+  op.finish();
 }
 
 }  // namespace

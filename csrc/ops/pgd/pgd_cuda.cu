@@ -91,44 +91,37 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x0, const at::Tens
   TORCH_CHECK_VALUE(x_adv.is_cuda(), "x_adv must be a CUDA tensor for this kernel");
   if (x_adv.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x_adv.device());
-  const int64_t n = x_adv.size(0);
-  const int64_t d = x_adv.numel() / n;
-  // Same-strided dense inputs (NCHW or channels-last) are used as they are; anything
-  // else is made contiguous, and x_adv is updated through a copy written back at the end.
-  const bool direct = flat_in_memory_order(x_adv, x0, grad);
-  const at::Tensor x0c = direct ? x0 : x0.contiguous();
-  const at::Tensor gc = direct ? grad : grad.contiguous();
-  at::Tensor work = direct ? x_adv : x_adv.contiguous();
+  const StepOperands op(x_adv, x0, grad);
+  const int64_t n = op.n;
+  const int64_t d = op.d;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(),
                                   "pgd_step_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto op_dtype = c10::CppTypeToScalarType<opmath_t>::value;
-    const at::Tensor a = alpha.to(op_dtype).contiguous();
-    const at::Tensor e = eps.to(op_dtype).contiguous();
-    const int64_t as = a.numel() == 1 ? 0 : 1;
-    const int64_t es = e.numel() == 1 ? 0 : 1;
+    const auto [a, as] = per_sample_param(alpha, op_dtype);
+    const auto [e, es] = per_sample_param(eps, op_dtype);
     if (kind == Norm::Linf) {
       const int64_t total = n * d;
       const int64_t blocks =
           std::min<int64_t>((total + kThreads - 1) / kThreads, static_cast<int64_t>(sms) * 32);
       linf_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(
-          work.data_ptr<scalar_t>(), x0c.const_data_ptr<scalar_t>(),
-          gc.const_data_ptr<scalar_t>(), a.const_data_ptr<opmath_t>(), as,
+          op.work.data_ptr<scalar_t>(), op.x0.const_data_ptr<scalar_t>(),
+          op.grad.const_data_ptr<scalar_t>(), a.const_data_ptr<opmath_t>(), as,
           e.const_data_ptr<opmath_t>(), es, total, d, static_cast<opmath_t>(lo),
           static_cast<opmath_t>(hi));
     } else {
       const int64_t blocks = std::min<int64_t>(n, 65535);
       l2_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(
-          work.data_ptr<scalar_t>(), x0c.const_data_ptr<scalar_t>(),
-          gc.const_data_ptr<scalar_t>(), a.const_data_ptr<opmath_t>(), as,
+          op.work.data_ptr<scalar_t>(), op.x0.const_data_ptr<scalar_t>(),
+          op.grad.const_data_ptr<scalar_t>(), a.const_data_ptr<opmath_t>(), as,
           e.const_data_ptr<opmath_t>(), es, n, d, static_cast<opmath_t>(lo),
           static_cast<opmath_t>(hi));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (!direct) x_adv.copy_(work);
+  op.finish();
 }
 
 }  // namespace
