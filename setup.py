@@ -1,8 +1,9 @@
 """Build of safedl_ext's native extension (``safedl_ext._C``).
 
-CPU sources are always built. CUDA sources are added when torch has CUDA and nvcc is
-found, or when ``FORCE_CUDA=1`` (compile and link without a GPU). ``DEBUG=1`` builds with
-``-O0 -g``. Build without isolation so the installed torch is the one compiled against::
+CPU sources are always built. CUDA sources are added when torch is a CUDA build and a
+CUDA toolkit is found (``CUDA_HOME``), or when ``FORCE_CUDA=1``; neither needs a GPU.
+``DEBUG=1`` builds with ``-O0 -g``. Build without isolation so the installed torch is
+the one compiled against::
 
     pip install --no-build-isolation -e .
 """
@@ -41,11 +42,19 @@ def _extensions() -> tuple[list, dict]:
 
     debug = _flag("DEBUG")
     force_cuda = _flag("FORCE_CUDA")
-    with_cuda = force_cuda or (torch.cuda.is_available() and CUDA_HOME is not None)
-    if force_cuda and CUDA_HOME is None:
+    # A usable toolkit has nvcc and the runtime headers. torch guesses CUDA_HOME from the
+    # nvcc on PATH, which may be a wrapper script outside the toolkit (/usr/local/bin/nvcc
+    # gives /usr/local): such a guess is not a toolkit.
+    toolkit = CUDA_HOME is not None and all(
+        os.path.exists(os.path.join(CUDA_HOME, *p))
+        for p in (("bin", "nvcc"), ("include", "cuda_runtime.h"))
+    )
+    with_cuda = force_cuda or (torch.version.cuda is not None and toolkit)
+    if force_cuda and not toolkit:
         raise RuntimeError(
-            "FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the toolkit folder "
-            "(the one holding bin/nvcc and include/), e.g. /usr/local/cuda-13.0"
+            f"FORCE_CUDA=1 but CUDA_HOME={CUDA_HOME!r} is not a CUDA toolkit: set CUDA_HOME to "
+            "the toolkit folder (the one holding bin/nvcc and include/), e.g. "
+            "/usr/local/cuda-13.0"
         )
     if with_cuda and torch.version.cuda is None:
         raise RuntimeError(
