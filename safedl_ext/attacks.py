@@ -169,27 +169,6 @@ def _check_box(x: Tensor, lo: float, hi: float) -> None:
                          f"{mx:.4g}]; models take [0, 1] images (normalize inside the model)")
 
 
-def _budget(value: float | Tensor, name: str, x: Tensor, positive: bool = False) -> Tensor:
-    """eps/alpha as a float tensor on x's device: one value or (N,)."""
-    n = x.shape[0]
-    if isinstance(value, Tensor):
-        t = value.detach().to(device=x.device, dtype=torch.float64)
-        if not (t.numel() == 1 or t.shape == (n,)):
-            raise ValueError(f"{name} must be a float or a tensor of shape ({n},), got shape "
-                             f"{tuple(t.shape)}")
-        t = t.reshape(-1)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        t = torch.tensor([float(value)], device=x.device, dtype=torch.float64)
-    else:
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if bool((t < 0).any()) or (positive and bool((t <= 0).any())):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got "
-                         f"{value if not isinstance(value, Tensor) else t.min().item()}")
-    return t.to(ops.reference.opmath_dtype(x.dtype))
-
-
 # ------------------------------------------------------------------------ attack loop
 
 
@@ -300,8 +279,8 @@ def pgd(
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 1:
         raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
-    eps_t = _budget(eps, "eps", x)
-    alpha_t = eps_t / 4 if alpha is None else _budget(alpha, "alpha", x, positive=True)
+    eps_t = ops.as_budget(eps, "eps", x)
+    alpha_t = eps_t / 4 if alpha is None else ops.as_budget(alpha, "alpha", x, positive=True)
     amp = _autocast_ctx(x, autocast)
     n = x.shape[0]
     if n == 0:

@@ -214,7 +214,7 @@ def _bad(digits_model, test_set, **kw):
         ({"norm": "l1"}, ValueError, "norm must be one of"),
         ({"loss": "hinge"}, ValueError, "loss must be one of"),
         ({"loss": "dlr", "targeted": True}, ValueError, "untargeted only"),
-        ({"eps": torch.rand(3)}, ValueError, r"eps must be a float or a tensor of shape \(8,\)"),
+        ({"eps": torch.rand(3)}, ValueError, r"eps must be .* shape \(8,\)"),
         ({"restarts": 0}, ValueError, "restarts must be"),
         ({"autocast": torch.float16}, ValueError, "CUDA only"),
     ],

@@ -23,6 +23,7 @@ from torch import Tensor
 from . import reference
 
 __all__ = [
+    "as_budget",
     "backend",
     "has_cuda_kernels",
     "native_error",
@@ -96,20 +97,38 @@ if _NATIVE:
         return None
 
 
-def _as_param(value: float | Tensor, name: str, like: Tensor) -> Tensor:
-    """A scalar or (N,) step/radius as a tensor on ``like``'s device in its opmath dtype."""
+def as_budget(value: float | Tensor, name: str, like: Tensor, *, positive: bool = False) -> Tensor:
+    """Validate a step size or radius and put it on ``like``'s device in the dtype the
+    kernels compute in (float32 for half inputs).
+
+    Args:
+        value: a float, or a tensor with one value or one value per sample (N,).
+        name: the argument's name, for error messages.
+        like: (N, ...) the tensor it applies to.
+        positive: require > 0 instead of >= 0.
+
+    Returns:
+        a 0-d tensor (one value) or an (N,) tensor.
+    """
+    n = like.shape[0] if like.dim() else 1
     dtype = reference.opmath_dtype(like.dtype)
     if isinstance(value, Tensor):
-        t = value.detach().to(device=like.device, dtype=dtype)
+        if not (value.numel() == 1 or tuple(value.shape) == (n,)):
+            raise ValueError(f"{name} must be a float or a tensor with one value or shape "
+                             f"({n},), got shape {tuple(value.shape)}")
+        t = value.detach().to(device=like.device, dtype=torch.float64)
+        t = t.reshape(()) if t.numel() == 1 else t
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        t = torch.tensor(float(value), device=like.device, dtype=torch.float64)
     else:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-        t = torch.tensor(float(value), device=like.device, dtype=dtype)
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got {value}")
-    if bool((t < 0).any()):
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return t
+    bad = (t <= 0) if positive else (t < 0)
+    if bool(bad.any()):
+        got = value if not isinstance(value, Tensor) else float(t.min())
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {got}")
+    return t.to(dtype)
 
 
 def pgd_step_(
@@ -139,18 +158,18 @@ def pgd_step_(
         norm: ``"linf"`` or ``"l2"``.
         lo, hi: box constraint of valid inputs (``[0, 1]`` images by default).
     """
-    a = _as_param(alpha, "alpha", x_adv)
-    e = _as_param(eps, "eps", x_adv)
+    a = as_budget(alpha, "alpha", x_adv)
+    e = as_budget(eps, "eps", x_adv)
     if _NATIVE:
         torch.ops.safedl.pgd_step_(x_adv, x0, grad, a, e, norm, float(lo), float(hi))
     else:
-        _check_reference_args(x_adv, x0, grad, a, e, norm, lo, hi)
+        _check_reference_args(x_adv, x0, grad, norm, lo, hi)
         with torch.no_grad():
             reference.pgd_step_(x_adv, x0, grad, a, e, norm, float(lo), float(hi))
     return x_adv
 
 
-def _check_reference_args(x_adv, x0, grad, a, e, norm, lo, hi) -> None:
+def _check_reference_args(x_adv, x0, grad, norm, lo, hi) -> None:
     """The checks the native op makes, for the reference path."""
     for name, t in (("x0", x0), ("grad", grad)):
         if t.shape != x_adv.shape:
@@ -159,11 +178,6 @@ def _check_reference_args(x_adv, x0, grad, a, e, norm, lo, hi) -> None:
         if t.dtype != x_adv.dtype or t.device != x_adv.device:
             raise TypeError(f"x_adv and {name} must share dtype and device, got "
                             f"{x_adv.dtype}/{x_adv.device} and {t.dtype}/{t.device}")
-    n = x_adv.shape[0]
-    for name, p in (("alpha", a), ("eps", e)):
-        if not (p.numel() == 1 or (p.dim() == 1 and p.shape[0] == n)):
-            raise ValueError(f"{name} must hold one value or one value per sample ({n}), "
-                             f"got shape {tuple(p.shape)}")
     if norm not in ("linf", "inf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if lo > hi:
@@ -192,7 +206,7 @@ def random_start(
     Returns:
         (N, ...) tensor like ``x0``.
     """
-    e = _as_param(eps, "eps", x0)
+    e = as_budget(eps, "eps", x0)
     n = x0.shape[0]
     gen_device = generator.device if generator is not None else x0.device
     dt = reference.opmath_dtype(x0.dtype)

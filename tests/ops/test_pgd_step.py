@@ -219,7 +219,7 @@ def test_l2_step_length_and_projection():
     [
         ({"x0": torch.rand(2, 3)}, ValueError, "same shape"),
         ({"grad": torch.rand(4, 5, dtype=torch.float64)}, TypeError, "dtype"),
-        ({"alpha": torch.rand(3)}, ValueError, "alpha must hold one value"),
+        ({"alpha": torch.rand(3)}, ValueError, r"alpha must be .* shape \(4,\)"),
         ({"norm": "l1"}, ValueError, "norm must be"),
         ({"lo": 1.0, "hi": 0.0}, ValueError, "lo must be <= hi"),
         ({"eps": -0.1}, ValueError, "eps must be >= 0"),
