@@ -6,6 +6,7 @@
 // checks that safedl::pgd_step_ registered and runs on the CPU.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -63,6 +64,27 @@ void test_sign_of() {
     const T got = sign_of<T>(c.g);
     EXPECT(same(got, c.want), "[%s] sign_of(%g) = %g, want %g", t, double(c.g), double(got),
            double(c.want));
+  }
+}
+
+// The kernels use signed_step (copysign + mask); it must equal alpha * sign_of(g) bit for
+// bit, the product the pure-PyTorch reference computes.
+template <typename T>
+void test_signed_step() {
+  const char* t = type_name<T>();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T inf = std::numeric_limits<T>::infinity();
+  const T tiny = std::numeric_limits<T>::denorm_min();
+  const T grads[] = {T(3), T(-2), T(0), T(-0.0), nan, -nan, inf, -inf, tiny, -tiny, T(1e-30)};
+  const T alphas[] = {T(0), T(2) / T(255), T(0.5), T(1e-20), T(7)};
+  for (const T a : alphas) {
+    for (const T g : grads) {
+      const T got = signed_step<T>(a, g);
+      const T want = a * sign_of<T>(g);
+      EXPECT(std::memcmp(&got, &want, sizeof(T)) == 0,
+             "[%s] signed_step(%g, %g) = %g, want %g (bitwise)", t, double(a), double(g),
+             double(got), double(want));
+    }
   }
 }
 
@@ -242,6 +264,7 @@ void test_l2_full_step() {
 template <typename T>
 void test_all() {
   test_sign_of<T>();
+  test_signed_step<T>();
   test_clamp_to<T>();
   test_linf_step_grid<T>();
   test_l2_scales<T>();

@@ -8,6 +8,7 @@
 // Everything here is branch-light and free of libm calls, so the CPU loop vectorises.
 #pragma once
 
+#include <cmath>
 #include <limits>
 
 #include "../../common/host_device.h"
@@ -15,7 +16,8 @@
 namespace safedl {
 namespace pgd {
 
-// sign(g) in {-1, 0, +1}; NaN maps to 0 like a zero gradient would.
+// sign(g) in {-1, 0, +1} as torch.sign computes it (NaN maps to 0). The specification of
+// signed_step below, which the kernels use.
 template <typename T>
 SAFEDL_HOST_DEVICE T sign_of(T g) {
   return static_cast<T>(static_cast<int>(g > T(0)) - static_cast<int>(g < T(0)));
@@ -29,11 +31,19 @@ SAFEDL_HOST_DEVICE T clamp_to(T v, T lo, T hi) {
   return v > hi ? hi : v;
 }
 
+// alpha * sign(g) for alpha >= 0, as alpha with g's sign bit where g < 0 or g > 0 and 0
+// elsewhere (zero and NaN gradients). Equal to alpha * sign_of(g) bit for bit (including
+// -0.0 for alpha = 0, g < 0), in fewer vector operations: copysign is a bitwise and/or.
+template <typename T>
+SAFEDL_HOST_DEVICE T signed_step(T alpha, T g) {
+  return (g < T(0) || g > T(0)) ? std::copysign(alpha, g) : T(0);
+}
+
 // One L-inf step for one element. The order of operations matches the pure-PyTorch
 // reference exactly, so float32 results are bit-identical to it.
 template <typename T>
 SAFEDL_HOST_DEVICE T linf_step(T x, T x0, T g, T alpha, T eps, T lo, T hi) {
-  const T stepped = x + alpha * sign_of(g);
+  const T stepped = x + signed_step(alpha, g);
   const T in_ball = clamp_to(stepped, x0 - eps, x0 + eps);
   return clamp_to(in_ball, lo, hi);
 }
