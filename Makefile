@@ -21,7 +21,7 @@ demo: setup
 	$(PY) -m safedl_ext evaluate --dataset digits --out runs/digits
 
 lint: setup
-	$(VENV)/bin/ruff check safedl_ext tests bench setup.py
+	$(VENV)/bin/ruff check safedl_ext tests bench examples setup.py
 
 test: setup lint
 	SAFEDL_REQUIRE_NATIVE=1 $(PY) -m pytest tests $(PYTEST_ARGS)

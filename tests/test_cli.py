@@ -43,3 +43,16 @@ def test_bad_arguments_exit_cleanly(tmp_path, capsys):
 def test_eval_fraction():
     assert eval_fraction("8/255") == 8 / 255
     assert eval_fraction("0.25") == 0.25
+
+
+def test_example_tour_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "attack_tour.py"
+    out = subprocess.run([sys.executable, str(script), "--epochs", "3", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "| standard CNN |" in out.stdout and "transfer surrogate -> target" in out.stdout
+    assert (tmp_path / "white_box.json").exists() and (tmp_path / "transfer.json").exists()
