@@ -361,7 +361,7 @@ def _pgd_loop(model, x, y, eps_t, alpha_t, steps, norm, random_start, restarts, 
                     if not bool(keep.any()):
                         break
                     idx = keep.nonzero().squeeze(1)
-                    xa, x0, grad = (_layout(t[idx], fmt) for t in (xa, x0, grad))
+                    xa, x0, grad = (_layout(v[idx], fmt) for v in (xa, x0, grad))
                     ys, owner = ys[idx], owner[idx]
                     eps_s = eps_s[idx] if eps_s.numel() > 1 else eps_s
                     alpha_s = alpha_s[idx] if alpha_s.numel() > 1 else alpha_s
