@@ -61,47 +61,6 @@ def _run(benchmark, step):
 LINF = "pgd_step-linf"
 
 
-def test_linf_native_op(benchmark, tensors):
-    require_native()
-    _tag(benchmark, LINF, "native", "torch.ops.safedl.pgd_step_")
-    x, x0 = tensors["start_linf"].clone(), tensors["x0"]
-    a = torch.tensor(ALPHA_LINF)
-    e = torch.tensor(EPS_LINF)
-    grads = itertools.cycle(tensors["grads"])
-    op = torch.ops.safedl.pgd_step_
-
-    def step():
-        op(x, x0, next(grads), a, e, "linf", 0.0, 1.0)
-
-    _run(benchmark, step)
-
-
-def test_linf_wrapper(benchmark, tensors):
-    require_native()
-    _tag(benchmark, LINF, "wrapper", "safedl_ext.ops.pgd_step_(floats)")
-    x, x0 = tensors["start_linf"].clone(), tensors["x0"]
-    grads = itertools.cycle(tensors["grads"])
-
-    def step():
-        ops.pgd_step_(x, x0, next(grads), ALPHA_LINF, EPS_LINF, "linf", 0.0, 1.0)
-
-    _run(benchmark, step)
-
-
-def test_linf_reference(benchmark, tensors):
-    _tag(benchmark, LINF, "reference", "safedl_ext.ops.reference.pgd_step_")
-    x, x0 = tensors["start_linf"].clone(), tensors["x0"]
-    a = torch.tensor(ALPHA_LINF)
-    e = torch.tensor(EPS_LINF)
-    grads = itertools.cycle(tensors["grads"])
-
-    def step():
-        with torch.no_grad():
-            reference.pgd_step_(x, x0, next(grads), a, e, "linf", 0.0, 1.0)
-
-    _run(benchmark, step)
-
-
 def test_linf_inplace_sign_subclamp(benchmark, tensors):
     """sign into a buffer, add, then clamp the delta and the box in place (5 passes)."""
     _tag(benchmark, LINF, "baseline-inplace", "sign(out)+add_+sub_.clamp_.add_.clamp_")
@@ -202,47 +161,6 @@ def test_linf_floor_addcmul(benchmark, tensors):
 L2 = "pgd_step-l2"
 
 
-def test_l2_native_op(benchmark, tensors):
-    require_native()
-    _tag(benchmark, L2, "native", "torch.ops.safedl.pgd_step_")
-    x, x0 = tensors["start_l2"].clone(), tensors["x0"]
-    a = torch.tensor(ALPHA_L2)
-    e = torch.tensor(EPS_L2)
-    grads = itertools.cycle(tensors["grads"])
-    op = torch.ops.safedl.pgd_step_
-
-    def step():
-        op(x, x0, next(grads), a, e, "l2", 0.0, 1.0)
-
-    _run(benchmark, step)
-
-
-def test_l2_wrapper(benchmark, tensors):
-    require_native()
-    _tag(benchmark, L2, "wrapper", "safedl_ext.ops.pgd_step_(floats)")
-    x, x0 = tensors["start_l2"].clone(), tensors["x0"]
-    grads = itertools.cycle(tensors["grads"])
-
-    def step():
-        ops.pgd_step_(x, x0, next(grads), ALPHA_L2, EPS_L2, "l2", 0.0, 1.0)
-
-    _run(benchmark, step)
-
-
-def test_l2_reference(benchmark, tensors):
-    _tag(benchmark, L2, "reference", "safedl_ext.ops.reference.pgd_step_")
-    x, x0 = tensors["start_l2"].clone(), tensors["x0"]
-    a = torch.tensor(ALPHA_L2)
-    e = torch.tensor(EPS_L2)
-    grads = itertools.cycle(tensors["grads"])
-
-    def step():
-        with torch.no_grad():
-            reference.pgd_step_(x, x0, next(grads), a, e, "l2", 0.0, 1.0)
-
-    _run(benchmark, step)
-
-
 def test_l2_torchattacks_outofplace(benchmark, tensors):
     """torchattacks' PGDL2 update: normalise the gradient by its per-sample norm + 1e-10,
     step, rescale delta by min(1, eps / ||delta||), clamp to the box."""
@@ -264,6 +182,56 @@ def test_l2_torchattacks_outofplace(benchmark, tensors):
         factor = torch.min(factor, torch.ones_like(delta_norms))
         delta = delta * factor.view(-1, 1, 1, 1)
         state["adv"] = torch.clamp(x0 + delta, min=0, max=1).detach()
+
+    _run(benchmark, step)
+
+
+# ------------------------------------------- native op, wrapper, reference (both norms)
+
+STEP = {"linf": (LINF, ALPHA_LINF, EPS_LINF), "l2": (L2, ALPHA_L2, EPS_L2)}
+
+
+@pytest.mark.parametrize("norm", list(STEP))
+def test_native_op(benchmark, tensors, norm):
+    require_native()
+    group, alpha, eps = STEP[norm]
+    _tag(benchmark, group, "native", "torch.ops.safedl.pgd_step_")
+    x, x0 = tensors[f"start_{norm}"].clone(), tensors["x0"]
+    a, e = torch.tensor(alpha), torch.tensor(eps)
+    grads = itertools.cycle(tensors["grads"])
+    op = torch.ops.safedl.pgd_step_
+
+    def step():
+        op(x, x0, next(grads), a, e, norm, 0.0, 1.0)
+
+    _run(benchmark, step)
+
+
+@pytest.mark.parametrize("norm", list(STEP))
+def test_wrapper(benchmark, tensors, norm):
+    require_native()
+    group, alpha, eps = STEP[norm]
+    _tag(benchmark, group, "wrapper", "safedl_ext.ops.pgd_step_(floats)")
+    x, x0 = tensors[f"start_{norm}"].clone(), tensors["x0"]
+    grads = itertools.cycle(tensors["grads"])
+
+    def step():
+        ops.pgd_step_(x, x0, next(grads), alpha, eps, norm, 0.0, 1.0)
+
+    _run(benchmark, step)
+
+
+@pytest.mark.parametrize("norm", list(STEP))
+def test_reference(benchmark, tensors, norm):
+    group, alpha, eps = STEP[norm]
+    _tag(benchmark, group, "reference", "safedl_ext.ops.reference.pgd_step_")
+    x, x0 = tensors[f"start_{norm}"].clone(), tensors["x0"]
+    a, e = torch.tensor(alpha), torch.tensor(eps)
+    grads = itertools.cycle(tensors["grads"])
+
+    def step():
+        with torch.no_grad():
+            reference.pgd_step_(x, x0, next(grads), a, e, norm, 0.0, 1.0)
 
     _run(benchmark, step)
 
