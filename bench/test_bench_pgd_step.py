@@ -76,13 +76,17 @@ def test_linf_inplace_sign_subclamp(benchmark, tensors):
     _run(benchmark, step)
 
 
+def _linf_bounds(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """max(x0 - eps, 0) and min(x0 + eps, 1): computed once per attack by a careful loop."""
+    return (x0 - EPS_LINF).clamp_(0.0, 1.0), (x0 + EPS_LINF).clamp_(0.0, 1.0)
+
+
 def test_linf_inplace_maxmin_bounds(benchmark, tensors):
     """Bounds max(x0-eps, 0) and min(x0+eps, 1) precomputed once per attack; then
     sign, add, maximum, minimum, all into preallocated buffers (4 passes)."""
     _tag(benchmark, LINF, "baseline-inplace", "sign(out)+add_+maximum(out)+minimum(out)")
     x, x0 = tensors["start_linf"].clone(), tensors["x0"]
-    lo_b = (x0 - EPS_LINF).clamp_(0.0, 1.0)
-    hi_b = (x0 + EPS_LINF).clamp_(0.0, 1.0)
+    lo_b, hi_b = _linf_bounds(x0)
     buf = torch.empty_like(x)
     grads = itertools.cycle(tensors["grads"])
 
@@ -99,8 +103,7 @@ def test_linf_inplace_clamp_tensor_bounds(benchmark, tensors):
     """Precomputed bounds as above, one tensor-bound clamp_ (3 passes)."""
     _tag(benchmark, LINF, "baseline-inplace", "sign(out)+add_+clamp_(lo_t, hi_t)")
     x, x0 = tensors["start_linf"].clone(), tensors["x0"]
-    lo_b = (x0 - EPS_LINF).clamp_(0.0, 1.0)
-    hi_b = (x0 + EPS_LINF).clamp_(0.0, 1.0)
+    lo_b, hi_b = _linf_bounds(x0)
     buf = torch.empty_like(x)
     grads = itertools.cycle(tensors["grads"])
 
@@ -117,8 +120,7 @@ def test_linf_inplace_sign_grad_inplace(benchmark, tensors):
     clamp_ (3 passes, no extra buffer)."""
     _tag(benchmark, LINF, "baseline-inplace", "grad.sign_()+add_+clamp_(lo_t, hi_t)")
     x, x0 = tensors["start_linf"].clone(), tensors["x0"]
-    lo_b = (x0 - EPS_LINF).clamp_(0.0, 1.0)
-    hi_b = (x0 + EPS_LINF).clamp_(0.0, 1.0)
+    lo_b, hi_b = _linf_bounds(x0)
     grads = itertools.cycle([g.clone() for g in tensors["grads"]])  # clobbered by sign_
 
     def step():
@@ -247,8 +249,7 @@ def test_linf_variants_agree(tensors):
     want = start.clone()
     torch.ops.safedl.pgd_step_(want, x0, g, torch.tensor(ALPHA_LINF), torch.tensor(EPS_LINF),
                                "linf", 0.0, 1.0)
-    lo_b = (x0 - EPS_LINF).clamp_(0.0, 1.0)
-    hi_b = (x0 + EPS_LINF).clamp_(0.0, 1.0)
+    lo_b, hi_b = _linf_bounds(x0)
     a = start.clone()
     a.add_(g.sign(), alpha=ALPHA_LINF).sub_(x0).clamp_(-EPS_LINF, EPS_LINF).add_(x0)
     a.clamp_(0.0, 1.0)
