@@ -323,7 +323,6 @@ def _pgd_loop(model, x, y, eps_t, alpha_t, steps, norm, random_start, restarts, 
         xa = _layout(x0.clone(), fmt)
     best = x.clone()
     found = torch.zeros(n, dtype=torch.bool, device=x.device)
-    native = ops.backend() == "native"
     checked_labels = False
     for t in range(steps + 1):
         last = t == steps
@@ -365,10 +364,7 @@ def _pgd_loop(model, x, y, eps_t, alpha_t, steps, norm, random_start, restarts, 
                     ys, owner = ys[idx], owner[idx]
                     eps_s = eps_s[idx] if eps_s.numel() > 1 else eps_s
                     alpha_s = alpha_s[idx] if alpha_s.numel() > 1 else alpha_s
-            if native:
-                torch.ops.safedl.pgd_step_(xa, x0, grad, alpha_s, eps_s, norm, lo, hi)
-            else:
-                ops.pgd_step_(xa, x0, grad, alpha_s, eps_s, norm, lo, hi)
+            ops.pgd_step_checked_(xa, x0, grad, alpha_s, eps_s, norm, lo, hi)
     return AttackResult(best, found)
 
 

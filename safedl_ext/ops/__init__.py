@@ -28,6 +28,7 @@ __all__ = [
     "has_cuda_kernels",
     "native_error",
     "pgd_step_",
+    "pgd_step_checked_",
     "random_start",
     "reference",
 ]
@@ -160,13 +161,23 @@ def pgd_step_(
     """
     a = as_budget(alpha, "alpha", x_adv)
     e = as_budget(eps, "eps", x_adv)
-    if _NATIVE:
-        torch.ops.safedl.pgd_step_(x_adv, x0, grad, a, e, norm, float(lo), float(hi))
-    else:
+    if not _NATIVE:
         _check_reference_args(x_adv, x0, grad, norm, lo, hi)
-        with torch.no_grad():
-            reference.pgd_step_(x_adv, x0, grad, a, e, norm, float(lo), float(hi))
+    pgd_step_checked_(x_adv, x0, grad, a, e, norm, lo, hi)
     return x_adv
+
+
+def pgd_step_checked_(
+    x_adv: Tensor, x0: Tensor, grad: Tensor, alpha: Tensor, eps: Tensor, norm: str,
+    lo: float, hi: float,
+) -> None:
+    """:func:`pgd_step_` for callers that validated ``alpha``/``eps`` once with
+    :func:`as_budget` (an attack loop): the native op, or the reference without it."""
+    if _NATIVE:
+        torch.ops.safedl.pgd_step_(x_adv, x0, grad, alpha, eps, norm, float(lo), float(hi))
+    else:
+        with torch.no_grad():
+            reference.pgd_step_(x_adv, x0, grad, alpha, eps, norm, float(lo), float(hi))
 
 
 def _check_reference_args(x_adv, x0, grad, norm, lo, hi) -> None:
