@@ -12,4 +12,30 @@ TORCH_LIBRARY(safedl, m) {
   m.def(
       "pgd_step_(Tensor(a!) x_adv, Tensor x0, Tensor grad, Tensor alpha, Tensor eps, "
       "str norm, float lo, float hi) -> ()");
+
+  // ---- linalg: streamed decomposition of gradient matrices (ops/sketch) ----
+  // Structured random projection of rows: out[b, j] = (1/sqrt(k)) * sum_i H[perm(j), i] *
+  // sign(i) * rows[b, i], H the (unnormalised) Walsh-Hadamard matrix of size D = 2^ceil(log2 d),
+  // sign and perm drawn from a counter-based generator keyed by seed (nothing d x k stored).
+  // rows: (B, d) float32/float64. Returns (B, k) of rows' dtype.
+  m.def("srht_project(Tensor rows, int out_dim, int seed) -> Tensor");
+  // Per-class streamed Gram update: for every class c present in class_ids,
+  // gram[c] += rows_c^T rows_c (upper-triangular blocks only; lower filled by
+  // gram_symmetrize_), sums[c] += rows_c.sum(0), counts[c] += len(rows_c).
+  // gram: (C, d, d), sums: (C, d), counts: (C,) int64, rows: (B, d), class_ids: (B,) int64.
+  m.def(
+      "gram_update_(Tensor(a!) gram, Tensor(b!) sums, Tensor(c!) counts, Tensor rows, "
+      "Tensor class_ids) -> ()");
+
+  // ---- linalg: batched EM for 2-component 1-D Gaussian mixtures (ops/gmm) ----
+  // values: (C, L) float32/float64, padded; lengths: (C,) int64, group c uses
+  // values[c, :lengths[c]]. weights, means, variances: (C, 2) float64 initial parameters.
+  // EM as scikit-learn's GaussianMixture(2, covariance_type='full') in 1-D: variances get
+  // + reg_covar; stops when the change of the mean log-likelihood per point is < tol, or
+  // after max_iter iterations. Returns (weights, means, variances) (C, 2) float64,
+  // mean log-likelihood (C,) float64, iterations used (C,) int64, converged (C,) bool.
+  m.def(
+      "gmm1d_em(Tensor values, Tensor lengths, Tensor weights, Tensor means, "
+      "Tensor variances, int max_iter, float tol, float reg_covar) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
