@@ -19,13 +19,17 @@ TORCH_LIBRARY(safedl, m) {
   // sign and perm drawn from a counter-based generator keyed by seed (nothing d x k stored).
   // rows: (B, d) float32/float64. Returns (B, k) of rows' dtype.
   m.def("srht_project(Tensor rows, int out_dim, int seed) -> Tensor");
-  // Per-class streamed Gram update: for every class c present in class_ids,
-  // gram[c] += rows_c^T rows_c (upper-triangular blocks only; lower filled by
-  // gram_symmetrize_), sums[c] += rows_c.sum(0), counts[c] += len(rows_c).
-  // gram: (C, d, d), sums: (C, d), counts: (C,) int64, rows: (B, d), class_ids: (B,) int64.
+  // Per-class streamed Gram update. Rows are routed by class_ids into per-class buffers;
+  // a full buffer is flushed as one symmetric rank-k update gram[c] += R^T R computed on
+  // the upper-triangular blocks only (the lower triangle of gram is not maintained: read
+  // it as triu(gram) + triu(gram, 1)^T). flush=true also flushes partial buffers.
+  // sums[c] += rows_c.sum(0) and counts[c] += len(rows_c) at once.
+  // gram: (C, d, d), sums: (C, d), buffer: (C, cap, d), all of rows' dtype and device
+  // (cap = 0: no buffering); counts: (C,) int64 on that device; fill: (C,) int64 on the
+  // CPU (rows held in each buffer); rows: (B, d); class_ids: (B,) int64 in [0, C).
   m.def(
-      "gram_update_(Tensor(a!) gram, Tensor(b!) sums, Tensor(c!) counts, Tensor rows, "
-      "Tensor class_ids) -> ()");
+      "gram_update_(Tensor(a!) gram, Tensor(b!) sums, Tensor(c!) counts, Tensor(d!) buffer, "
+      "Tensor(e!) fill, Tensor rows, Tensor class_ids, bool flush) -> ()");
 
   // ---- linalg: batched EM for 2-component 1-D Gaussian mixtures (ops/gmm) ----
   // values: (C, L) float32/float64, padded; lengths: (C,) int64, group c uses

@@ -1,0 +1,677 @@
+"""Streamed, per-class decomposition of gradient matrices.
+
+A backdoor scan reduces, for every class c, an (N_c, d) matrix of input gradients to its top
+right singular vector(s), the singular values and each row's projection. The rows arrive
+in batches that mix classes; :class:`StreamingSVD` routes them by class without a Python
+loop per row or per class and never holds a class's matrix at full precision.
+
+Two modes, for two regimes:
+
+``mode="gram"`` (exact; moderate d, e.g. CIFAR's 3,072)
+    keeps, per class, the d x d Gram matrix ``X^T X`` (a streamed symmetric rank-k update,
+    native op ``safedl::gram_update_``), the row sum and the count: ``C * d^2`` floats. The
+    top eigenvectors of the (optionally centred) Gram matrix are the exact top right
+    singular vectors, whatever the spectrum: right in the *hard regime* (a few percent of
+    rows sharing one direction on top of a flat noise spectrum with tens of times the
+    signal's energy), where a single-pass randomized sketch is not. The projections need
+    the rows once more: :meth:`StreamingSVD.project` (a second pass; a vector learned from
+    the rows cannot project them in the same pass without keeping them).
+
+``mode="sketch"`` (bounded memory; large d, e.g. ImageNet's 150,528)
+    keeps, per row, a compact k-dimensional structured random projection of it (sign flips,
+    fast Walsh-Hadamard transform, subsampling; native op ``safedl::srht_project``, drawn
+    from a counter-based generator so nothing of size d x k is stored): ``N * k`` floats.
+    :meth:`finalize` runs block power (subspace) iterations on the compact rows in memory,
+    so the top vector is found with as many passes as needed over the compact rows, not
+    over the data. The projections it gives are approximate (the projection of the noise
+    grows from ~1/d to ~1/k per row); :meth:`refine` re-streams only the chosen classes'
+    rows twice to get their exact input-space vectors and projections.
+
+Determinism: the result depends on the *set* of (row, class, sample id), not on batch
+size, batch order or how rows are split across processes, up to floating-point rounding of
+the sums (float32 state: relative differences ~1e-6; ``dtype=torch.float64``: ~1e-12).
+Bitwise identity is not promised: floating-point sums depend on their order. Give
+``sample_ids`` when the order may change; the default numbers rows in arrival order.
+Partial states merge by addition (Gram) or concatenation (sketch): :meth:`merge_`,
+:meth:`state_dict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..ops import sketch as sketch_ops
+
+__all__ = ["ClassSVD", "StreamingSVD", "streamed_svd"]
+
+Mode = Literal["gram", "sketch"]
+Batch = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
+
+_GRAM_MAX_BYTES = 16 * 2**30
+_BUFFER_BYTES = 256 * 2**20
+_PROJECT_CHUNK_BYTES = 64 * 2**20
+_KRYLOV_WIDTH = 160
+_DENSE_EIGH = 256
+
+
+@dataclass(frozen=True)
+class ClassSVD:
+    """The decomposition of one class's (N, d) row matrix X (centred when asked).
+
+    Attributes:
+        label: the class id.
+        count: N, rows seen.
+        singular_values: (r,) float64, descending. Sketch mode before :meth:`refine`: those
+            of the compact rows (estimates); after: ``||X_c v_j||``.
+        vectors: (r, d) float32 unit right singular vectors in input space, or ``None``
+            (sketch mode before :meth:`refine`). Sign: the largest-magnitude entry is
+            positive (sketch vectors likewise).
+        sketch_vectors: (r, k) unit right singular vectors of the compact rows (sketch mode).
+        sample_ids: (N,) int64 ascending, or ``None`` before projections exist.
+        projections: (N, r) float32, row ``i`` is ``(x_i - mean) . v_j`` for the sample
+            ``sample_ids[i]``; ``None`` before they exist.
+        exact_projections: whether projections were computed from the rows themselves
+            (``False``: from the compact rows of sketch mode).
+        converged: whether the eigensolver met its tolerance.
+        iterations: eigensolver iterations used.
+    """
+
+    label: int
+    count: int
+    singular_values: Tensor
+    vectors: Tensor | None
+    sketch_vectors: Tensor | None
+    sample_ids: Tensor | None
+    projections: Tensor | None
+    exact_projections: bool
+    converged: bool
+    iterations: int
+
+
+def _top_eigenpairs(
+    apply: Callable[[Tensor], Tensor], m: int, r: int, q: int, max_iter: int, tol: float,
+    generator: torch.Generator, device: torch.device,
+) -> tuple[Tensor, Tensor, bool, int]:
+    """Top-r eigenpairs of a symmetric PSD (m, m) operator, in float64.
+
+    Block Krylov (block Lanczos with full reorthogonalisation and Rayleigh-Ritz on the
+    whole Krylov space; thick restart from the top q Ritz vectors when the space reaches
+    ``_KRYLOV_WIDTH`` columns). Each iteration applies the operator to one block of q
+    vectors; Krylov methods converge on a small eigengap far faster than subspace
+    iteration. Stops when every residual ``||A x - l x||`` of the top r Ritz pairs is
+    <= tol * l_1, or after max_iter iterations.
+
+    Returns (eigenvalues (r,), eigenvectors (m, r), converged, iterations).
+    """
+    if m <= _DENSE_EIGH:  # small: the operator itself, one symmetric eigensolve
+        dense = apply(torch.eye(m, dtype=torch.float64, device=device))
+        evals, evecs = torch.linalg.eigh((dense + dense.T) * 0.5)
+        return evals.flip(0)[:r].clamp_min(0.0), evecs.flip(1)[:, :r], True, 1
+    q = min(max(q, r), m)
+    block = torch.randn((m, q), generator=generator, dtype=torch.float64).to(device)
+    basis = _extend_basis(block.new_zeros((m, 0)), block)
+    image = apply(basis)  # A basis
+    values = torch.zeros(r, dtype=torch.float64, device=device)
+    vecs = basis[:, :r]
+    for it in range(1, max_iter + 1):
+        small = basis.T @ image
+        evals, evecs = torch.linalg.eigh((small + small.T) * 0.5)
+        order = torch.argsort(evals, descending=True)
+        evals, evecs = evals[order], evecs[:, order]
+        vecs = basis @ evecs[:, :r]
+        values = evals[:r].clamp_min(0.0)
+        scale = float(values[0])
+        if scale <= 0.0:  # zero operator: any basis is an eigenbasis
+            return values, vecs, True, it
+        residual = image @ evecs[:, :r] - vecs * evals[:r]
+        if float(torch.linalg.vector_norm(residual, dim=0).max()) <= tol * scale:
+            return values, vecs, True, it
+        if basis.shape[1] + q > min(_KRYLOV_WIDTH, m):  # thick restart
+            keep = evecs[:, :q]
+            basis, image = basis @ keep, image @ keep
+            block = image
+        else:
+            block = image[:, -q:] if basis.shape[1] > q else image
+        grown = _extend_basis(basis, block)
+        if grown.shape[1] == basis.shape[1]:  # invariant subspace: the Ritz pairs are exact
+            return values, vecs, True, it
+        new = grown[:, basis.shape[1]:]
+        basis = grown
+        image = torch.cat((image, apply(new)), dim=1)
+    return values, vecs, False, max_iter
+
+
+def _extend_basis(basis: Tensor, block: Tensor) -> Tensor:
+    """Append the part of ``block``'s columns orthogonal to ``basis`` (orthonormal) to it,
+    column by column with two Gram-Schmidt passes, dropping columns that add nothing
+    (relative norm < 1e-10): rank-deficient blocks stay orthonormal."""
+    cols = [basis]
+    current = basis
+    for j in range(block.shape[1]):
+        w = block[:, j:j + 1]
+        size = float(torch.linalg.vector_norm(w))
+        for _ in range(2):
+            w = w - current @ (current.T @ w)
+        norm = float(torch.linalg.vector_norm(w))
+        if size > 0 and norm > 1e-10 * size:
+            current = torch.cat((current, w / norm), dim=1)
+            cols = [current]
+    return cols[0]
+
+
+def _orient(vectors: Tensor) -> Tensor:
+    """Flip each row of (r, d) so that its largest-magnitude entry is positive."""
+    idx = vectors.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(vectors.gather(1, idx))
+    sign[sign == 0] = 1
+    return vectors * sign
+
+
+def _as_batch(rows: Tensor, class_ids: Tensor, sample_ids: Tensor | None, d: int,
+              num_classes: int) -> None:
+    if not isinstance(rows, Tensor):
+        raise TypeError(f"rows must be a tensor, got {type(rows).__name__}")
+    if rows.dim() != 2 or rows.shape[1] != d:
+        raise ValueError(f"rows must have shape (B, {d}), got {tuple(rows.shape)}")
+    if not rows.is_floating_point():
+        raise TypeError(f"rows must be a floating-point tensor, got {rows.dtype}")
+    if not isinstance(class_ids, Tensor) or class_ids.dtype.is_floating_point or \
+            class_ids.dtype == torch.bool:
+        raise TypeError("class_ids must be an integer tensor, got "
+                        f"{getattr(class_ids, 'dtype', type(class_ids).__name__)}")
+    if tuple(class_ids.shape) != (rows.shape[0],):
+        raise ValueError(f"class_ids must have shape ({rows.shape[0]},), got "
+                         f"{tuple(class_ids.shape)}")
+    if rows.shape[0]:
+        lo, hi = int(class_ids.min()), int(class_ids.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"class_ids must be in [0, {num_classes}), got values in "
+                             f"[{lo}, {hi}]")
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError("rows must be finite, got NaN or Inf")
+    if sample_ids is not None:
+        if not isinstance(sample_ids, Tensor) or sample_ids.dtype.is_floating_point:
+            raise TypeError("sample_ids must be an integer tensor")
+        if tuple(sample_ids.shape) != (rows.shape[0],):
+            raise ValueError(f"sample_ids must have shape ({rows.shape[0]},), got "
+                             f"{tuple(sample_ids.shape)}")
+
+
+class StreamingSVD:
+    """Per-class top right singular vectors, singular values and row projections of row
+    batches routed by class. See the module docstring for the two modes and their regimes.
+
+    Example::
+
+        svd = StreamingSVD(num_classes=10, dim=3072, mode="gram", center=True)
+        for rows, labels, idx in loader:            # rows: (B, 3072) gradients
+            svd.update(rows, labels, idx)
+        svd.finalize()
+        for rows, labels, idx in loader:            # second pass: exact projections
+            svd.project(rows, labels, idx)
+        top = svd.results()[3]                      # ClassSVD of class 3
+
+    Args:
+        num_classes: C, class ids are in [0, C).
+        dim: d, the row length.
+        mode: ``"gram"`` (exact) or ``"sketch"`` (bounded memory).
+        rank: r, how many top singular vectors per class.
+        center: subtract each class's mean row first (exactly, in both modes).
+        sketch_dim: k of sketch mode (memory: N * k floats). 2,048 keeps the projections'
+            |cosine| >= 0.98 at N = 1,300, d = 150,528 in the hard regime (measured; see
+            bench/README.md). Ignored in gram mode.
+        seed: selects the structured projection and the eigensolver's start.
+        dtype: state dtype, float32 (default) or float64.
+        device: where the state lives; rows are moved there.
+        buffer_rows: gram mode: rows buffered per class before a rank-k update (larger k
+            runs the update at GEMM speed when batches mix many classes). ``None``: up to
+            512, within 256 MiB for all classes; 0: no buffering.
+        oversample: extra vectors in the subspace iteration (block size r + oversample).
+        max_iter, tol: eigensolver stop (residual <= tol * top eigenvalue).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        mode: Mode = "gram",
+        rank: int = 1,
+        center: bool = False,
+        sketch_dim: int = 2048,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        buffer_rows: int | None = None,
+        oversample: int = 10,
+        max_iter: int = 300,
+        tol: float = 1e-6,
+    ) -> None:
+        for name, v, lo in (("num_classes", num_classes, 1), ("dim", dim, 1), ("rank", rank, 1),
+                            ("sketch_dim", sketch_dim, 1), ("oversample", oversample, 0),
+                            ("max_iter", max_iter, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if mode not in ("gram", "sketch"):
+            raise ValueError(f"mode must be 'gram' or 'sketch', got {mode!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if not (isinstance(tol, float) and tol > 0):
+            raise ValueError(f"tol must be a float > 0, got {tol!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        self.num_classes, self.dim, self.mode, self.rank = num_classes, dim, mode, rank
+        self.center, self.seed, self.dtype = center, seed, dtype
+        self.device = torch.device(device)
+        self.oversample, self.max_iter, self.tol = oversample, max_iter, tol
+        n_transform = 1 << sketch_ops.reference.transform_bits(dim)
+        self.sketch_dim = min(sketch_dim, n_transform)
+        if rank > (dim if mode == "gram" else self.sketch_dim):
+            raise ValueError(f"rank must be <= {dim if mode == 'gram' else self.sketch_dim}, "
+                             f"got {rank}")
+        self._next_id = 0
+        self._final: dict[int, dict] | None = None
+        self._proj: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.counts = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
+        if mode == "gram":
+            need = num_classes * dim * dim * torch.finfo(dtype).bits // 8
+            if need > _GRAM_MAX_BYTES:
+                raise ValueError(
+                    f"gram mode needs {need / 2**30:.1f} GiB for {num_classes} classes x "
+                    f"{dim}^2; use mode='sketch' for large dim")
+            if buffer_rows is None:
+                per_row = num_classes * dim * torch.finfo(dtype).bits // 8
+                buffer_rows = int(min(512, _BUFFER_BYTES // per_row))
+            if isinstance(buffer_rows, bool) or not isinstance(buffer_rows, int) or \
+                    buffer_rows < 0:
+                raise ValueError(f"buffer_rows must be an int >= 0, got {buffer_rows!r}")
+            kw = {"dtype": dtype, "device": self.device}
+            self.gram = torch.zeros((num_classes, dim, dim), **kw)
+            self.sums = torch.zeros((num_classes, dim), **kw)
+            self._buffer = torch.zeros((num_classes, buffer_rows, dim), **kw)
+            self._fill = torch.zeros(num_classes, dtype=torch.int64)
+        else:
+            self._z: list[Tensor] = []
+            self._z_cls: list[Tensor] = []
+            self._z_ids: list[Tensor] = []
+
+    # ---- streaming ----------------------------------------------------------------
+
+    def update(self, rows: Tensor, class_ids: Tensor, sample_ids: Tensor | None = None) -> None:
+        """Add a batch of rows.
+
+        Args:
+            rows: (B, d) float tensor (moved to the state's device and dtype).
+            class_ids: (B,) integer class of each row, in [0, C).
+            sample_ids: (B,) int64 identifiers (unique per class), kept with the
+                projections; default: a running counter in arrival order.
+        """
+        if self._final is not None:
+            raise RuntimeError("update() after finalize(): the decomposition is fixed; "
+                               "use project() or a new StreamingSVD")
+        _as_batch(rows, class_ids, sample_ids, self.dim, self.num_classes)
+        b = rows.shape[0]
+        if sample_ids is None:
+            sample_ids = torch.arange(self._next_id, self._next_id + b)
+        self._next_id += b
+        rows = rows.detach().to(device=self.device, dtype=self.dtype)
+        cls = class_ids.detach().to(device=self.device, dtype=torch.int64)
+        if b == 0:
+            return
+        if self.mode == "gram":
+            sketch_ops.gram_update_(self.gram, self.sums, self.counts, self._buffer, self._fill,
+                                    rows.contiguous(), cls, False)
+        else:
+            self.counts.index_add_(0, cls, torch.ones_like(cls))
+            self._z.append(sketch_ops.srht_project(rows, self.sketch_dim, self.seed))
+            self._z_cls.append(cls)
+            self._z_ids.append(sample_ids.detach().to(device=self.device, dtype=torch.int64))
+
+    # ---- partial states -------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self.mode == "gram" and int(self._fill.sum()):
+            empty = self.gram.new_zeros((0, self.dim))
+            sketch_ops.gram_update_(self.gram, self.sums, self.counts, self._buffer, self._fill,
+                                    empty, empty.new_zeros(0, dtype=torch.int64), True)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The streamed state as tensors (flushed): gram mode ``gram``/``sums``/``counts``
+        (merge by sum, e.g. ``all_reduce``), sketch mode ``z``/``class_ids``/``sample_ids``
+        plus ``counts`` (merge by concatenation, e.g. ``all_gather``). For checkpoints of a
+        long stream and for torch.distributed."""
+        self._flush()
+        if self.mode == "gram":
+            return {"gram": self.gram, "sums": self.sums, "counts": self.counts}
+        z = torch.cat(self._z) if self._z else torch.zeros((0, self.sketch_dim),
+                                                           dtype=self.dtype, device=self.device)
+        cls = torch.cat(self._z_cls) if self._z_cls else self.counts.new_zeros(0)
+        ids = torch.cat(self._z_ids) if self._z_ids else self.counts.new_zeros(0)
+        self._z, self._z_cls, self._z_ids = [z], [cls], [ids]
+        return {"z": z, "class_ids": cls, "sample_ids": ids, "counts": self.counts}
+
+    def load_state_dict(self, state: dict[str, Tensor], *, add: bool = False) -> None:
+        """Replace the streamed state with ``state`` (or add it: ``add=True``)."""
+        if self._final is not None:
+            raise RuntimeError("load_state_dict() after finalize()")
+        if self.mode == "gram":
+            keys = ("gram", "sums", "counts")
+        else:
+            keys = ("z", "class_ids", "sample_ids", "counts")
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {missing} for mode {self.mode!r}")
+        self._flush()
+        if self.mode == "gram":
+            for name in keys:
+                mine = getattr(self, name)
+                other = state[name].to(device=mine.device, dtype=mine.dtype)
+                if other.shape != mine.shape:
+                    raise ValueError(f"state[{name!r}] must have shape {tuple(mine.shape)}, "
+                                     f"got {tuple(other.shape)}")
+                if add:
+                    mine.add_(other)
+                else:
+                    mine.copy_(other)
+            return
+        z = state["z"].to(device=self.device, dtype=self.dtype)
+        if z.dim() != 2 or z.shape[1] != self.sketch_dim:
+            raise ValueError(f"state['z'] must have shape (N, {self.sketch_dim}), got "
+                             f"{tuple(z.shape)}")
+        parts = (z, state["class_ids"].to(self.device), state["sample_ids"].to(self.device))
+        if add:
+            self._z.append(parts[0])
+            self._z_cls.append(parts[1])
+            self._z_ids.append(parts[2])
+            self.counts.add_(state["counts"].to(self.device))
+        else:
+            self._z, self._z_cls, self._z_ids = [parts[0]], [parts[1]], [parts[2]]
+            self.counts.copy_(state["counts"].to(self.device))
+
+    def merge_(self, other: StreamingSVD) -> StreamingSVD:
+        """Add another partial state with the same settings (rows split across workers)."""
+        same = ("num_classes", "dim", "mode", "sketch_dim", "seed")
+        for name in same:
+            if getattr(self, name) != getattr(other, name):
+                raise ValueError(f"cannot merge: {name} differs ({getattr(self, name)!r} vs "
+                                 f"{getattr(other, name)!r})")
+        self.load_state_dict(other.state_dict(), add=True)
+        return self
+
+    # ---- decomposition ----------------------------------------------------------------
+
+    def finalize(self) -> dict[int, ClassSVD]:
+        """Decompose every class seen. Gram mode: exact vectors and singular values,
+        projections after :meth:`project`. Sketch mode: vectors of the compact rows and
+        approximate projections; :meth:`refine` makes chosen classes exact.
+
+        Returns:
+            ``{class id: ClassSVD}`` for every class with at least one row.
+        """
+        if self._final is not None:
+            return self.results()
+        self._flush()
+        gen = torch.Generator().manual_seed(self.seed)
+        q = self.rank + self.oversample
+        final: dict[int, dict] = {}
+        counts = self.counts.tolist()
+        if self.mode == "gram":
+            for c in range(self.num_classes):
+                n = counts[c]
+                if n == 0:
+                    continue
+                g = self.gram[c].to(torch.float64).triu_()
+                g = g + g.triu(1).T
+                mean = self.sums[c].to(torch.float64) / n
+                if self.center:
+                    g -= n * torch.outer(mean, mean)
+                vals, vecs, ok, its = _top_eigenpairs(lambda b, g=g: g @ b, self.dim,
+                                                      self.rank, q, self.max_iter, self.tol,
+                                                      gen, self.device)
+                final[c] = {"count": n, "values": vals.sqrt(), "vectors":
+                            _orient(vecs.T).to(torch.float32), "sketch": None,
+                            "mean": mean if self.center else None, "converged": ok,
+                            "iterations": its, "ids": None, "proj": None, "exact": True}
+            self.gram = self._buffer = self.sums = None  # type: ignore[assignment]
+        else:
+            z = torch.cat(self._z) if self._z else None
+            cls = torch.cat(self._z_cls) if self._z_cls else None
+            ids = torch.cat(self._z_ids) if self._z_ids else None
+            self._z, self._z_cls, self._z_ids = [], [], []
+            for c in range(self.num_classes):
+                if counts[c] == 0:
+                    continue
+                assert z is not None and cls is not None and ids is not None
+                sel = torch.nonzero(cls == c).flatten()
+                order = torch.argsort(ids[sel])
+                sel = sel[order]
+                zc = z.index_select(0, sel).to(torch.float64)
+                if self.center:
+                    zc -= zc.mean(dim=0)
+                n, k = zc.shape
+                r = min(self.rank, n, k)
+                if n < k:  # work in the smaller space: left vectors, then right
+                    vals, u, ok, its = _top_eigenpairs(lambda b, zc=zc: zc @ (zc.T @ b), n, r,
+                                                       q, self.max_iter, self.tol, gen,
+                                                       self.device)
+                    sv = vals.sqrt()
+                    w = (zc.T @ u) / sv.clamp_min(torch.finfo(torch.float64).tiny)
+                    w = w.T
+                else:
+                    vals, w, ok, its = _top_eigenpairs(lambda b, zc=zc: zc.T @ (zc @ b), k, r,
+                                                       q, self.max_iter, self.tol, gen,
+                                                       self.device)
+                    sv = vals.sqrt()
+                    w = w.T
+                w = _orient(w)
+                proj = zc @ w.T
+                final[c] = {"count": n, "values": sv, "vectors": None,
+                            "sketch": w.to(torch.float32), "mean": None, "converged": ok,
+                            "iterations": its, "ids": ids[sel], "proj": proj.to(torch.float32),
+                            "exact": False}
+        self._final = final
+        return self.results()
+
+    def results(self) -> dict[int, ClassSVD]:
+        """The current per-class results (projections included once they exist)."""
+        if self._final is None:
+            raise RuntimeError("results() before finalize()")
+        self._collect_projections()
+        return {
+            c: ClassSVD(label=c, count=f["count"], singular_values=f["values"],
+                        vectors=f["vectors"], sketch_vectors=f["sketch"], sample_ids=f["ids"],
+                        projections=f["proj"], exact_projections=f["exact"],
+                        converged=f["converged"], iterations=f["iterations"])
+            for c, f in self._final.items()
+        }
+
+    # ---- second passes ------------------------------------------------------------------
+
+    def project(self, rows: Tensor, class_ids: Tensor, sample_ids: Tensor | None = None) -> None:
+        """Second pass: exact projections of rows onto their class's input-space vectors.
+
+        Rows of classes without input-space vectors (sketch mode, not refined) are skipped.
+        Shapes as :meth:`update`; ``sample_ids`` default to arrival order of this pass.
+        """
+        if self._final is None:
+            raise RuntimeError("project() before finalize()")
+        _as_batch(rows, class_ids, sample_ids, self.dim, self.num_classes)
+        if sample_ids is None:
+            start = getattr(self, "_proj_next_id", 0)
+            sample_ids = torch.arange(start, start + rows.shape[0])
+            self._proj_next_id = start + rows.shape[0]
+        cls = class_ids.to(device=self.device, dtype=torch.int64)
+        has = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
+        for c, f in self._final.items():
+            if f["vectors"] is not None:
+                has[c] = True
+        keep = has[cls]
+        if not bool(keep.any()):
+            return
+        rows = rows.detach().to(device=self.device, dtype=torch.float32)[keep]
+        cls = cls[keep]
+        ids = sample_ids.to(self.device, torch.int64)[keep]
+        v_all, mv = self._stacked_vectors()
+        r = self.rank
+        if self.num_classes * r <= 64:
+            p = (rows @ v_all.reshape(-1, self.dim).T).reshape(-1, self.num_classes, r)
+            p = p[torch.arange(rows.shape[0], device=self.device), cls]
+        else:
+            chunk = max(1, _PROJECT_CHUNK_BYTES // (4 * r * self.dim))
+            p = torch.cat([torch.einsum("bd,brd->br", rows[i:i + chunk], v_all[cls[i:i + chunk]])
+                           for i in range(0, rows.shape[0], chunk)])
+        p = p - mv[cls]
+        self._proj.append((cls, ids, p))
+
+    def _stacked_vectors(self) -> tuple[Tensor, Tensor]:
+        """(C, r, d) vectors (zeros where none) and (C, r) mean . vector offsets."""
+        assert self._final is not None
+        cache = getattr(self, "_stack_cache", None)
+        if cache is not None:
+            return cache
+        v_all = torch.zeros((self.num_classes, self.rank, self.dim), device=self.device)
+        mv = torch.zeros((self.num_classes, self.rank), device=self.device)
+        for c, f in self._final.items():
+            if f["vectors"] is None:
+                continue
+            r = f["vectors"].shape[0]
+            v_all[c, :r] = f["vectors"]
+            if f["mean"] is not None:
+                mv[c, :r] = (f["vectors"].to(torch.float64) @ f["mean"]).to(torch.float32)
+        self._stack_cache = (v_all, mv)
+        return v_all, mv
+
+    def _collect_projections(self) -> None:
+        """Fold the projections gathered by project() into the per-class results."""
+        if not self._proj:
+            return
+        assert self._final is not None
+        cls = torch.cat([t[0] for t in self._proj])
+        ids = torch.cat([t[1] for t in self._proj])
+        p = torch.cat([t[2] for t in self._proj])
+        self._proj = []
+        for c, f in self._final.items():
+            sel = torch.nonzero(cls == c).flatten()
+            if sel.numel() == 0:
+                continue
+            c_ids, c_p = ids[sel], p[sel]
+            if f["ids"] is not None and f["exact"]:
+                c_ids = torch.cat([f["ids"], c_ids])
+                c_p = torch.cat([f["proj"], c_p])
+            order = torch.argsort(c_ids)
+            c_ids, c_p = c_ids[order], c_p[order]
+            if c_ids.numel() > 1 and bool((c_ids[1:] == c_ids[:-1]).any()):
+                raise ValueError(f"class {c}: a sample id was projected twice")
+            f["ids"], f["proj"], f["exact"] = c_ids, c_p, True
+        self._stack_cache = None
+
+    def refine(self, batches: Callable[[], Iterable[Batch]], classes: Iterable[int]) -> None:
+        """Sketch mode: exact input-space vectors and projections for ``classes`` by
+        re-streaming only their rows, twice.
+
+        Pass 1 forms ``v = X_c^T u`` from the compact rows' left singular vectors ``u``
+        (one power-iteration step in input space: more accurate than the sketch), pass 2
+        projects the rows on it. Rows of other classes are skipped cheaply.
+
+        Args:
+            batches: a callable returning a fresh iterable of ``(rows, class_ids,
+                sample_ids)`` (sample ids as given to :meth:`update`).
+            classes: the class ids to refine (for example the flagged class).
+        """
+        if self._final is None:
+            raise RuntimeError("refine() before finalize()")
+        chosen = sorted({int(c) for c in classes})
+        for c in chosen:
+            if c not in self._final:
+                raise ValueError(f"classes: class {c} has no rows")
+        if not chosen:
+            return
+        want = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
+        want[chosen] = True
+        acc = {c: torch.zeros((self._final[c]["proj"].shape[1], self.dim), dtype=torch.float64,
+                              device=self.device) for c in chosen}
+        total = {c: torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+                 for c in chosen}
+        weight = {c: torch.zeros(self._final[c]["proj"].shape[1], dtype=torch.float64,
+                                 device=self.device) for c in chosen}
+        for batch in batches():
+            rows, cls, ids = self._unpack(batch)
+            keep = want[cls]
+            if not bool(keep.any()):
+                continue
+            rows, cls, ids = rows[keep].to(torch.float64), cls[keep], ids[keep]
+            for c in chosen:  # few classes: the flagged ones
+                sel = cls == c
+                if not bool(sel.any()):
+                    continue
+                f = self._final[c]
+                pos = torch.searchsorted(f["ids"], ids[sel])
+                if bool((pos >= f["ids"].numel()).any()) or \
+                        not bool((f["ids"][pos.clamp_max(f["ids"].numel() - 1)]
+                                  == ids[sel]).all()):
+                    raise ValueError(f"class {c}: refine() saw a sample id that update() did "
+                                     "not")
+                u = f["proj"][pos].to(torch.float64) / f["values"].clamp_min(1e-300)
+                acc[c] += u.T @ rows[sel]
+                total[c] += rows[sel].sum(dim=0)
+                weight[c] += u.sum(dim=0)
+        for c in chosen:
+            f = self._final[c]
+            n = f["count"]
+            mean = total[c] / n
+            v = acc[c] - weight[c][:, None] * mean[None, :] if self.center else acc[c]
+            v = torch.linalg.qr(v.T).Q.T  # orthonormal rows, same span order
+            f["vectors"] = _orient(v).to(torch.float32)
+            f["mean"] = mean if self.center else None
+            f["ids"], f["proj"], f["exact"] = None, None, True
+        self._stack_cache = None
+        for batch in batches():
+            rows, cls, ids = self._unpack(batch)
+            keep = want[cls]
+            if bool(keep.any()):
+                self.project(rows[keep], cls[keep], ids[keep])
+        self._collect_projections()
+        for c in chosen:
+            f = self._final[c]
+            if f["proj"] is None:
+                raise ValueError(f"class {c}: refine() saw no rows of it")
+            f["values"] = torch.linalg.vector_norm(f["proj"].to(torch.float64), dim=0)
+
+    def _unpack(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+            raise ValueError("batches() must yield (rows, class_ids, sample_ids) tuples")
+        rows, cls, ids = batch
+        _as_batch(rows, cls, ids, self.dim, self.num_classes)
+        return (rows.detach().to(self.device), cls.to(self.device, torch.int64),
+                ids.to(self.device, torch.int64))
+
+
+def streamed_svd(
+    batches: Callable[[], Iterable[Batch]], num_classes: int, dim: int, *,
+    refine_classes: Iterable[int] = (), **options,
+) -> dict[int, ClassSVD]:
+    """Run a :class:`StreamingSVD` over ``batches()`` and return the per-class results.
+
+    Gram mode streams twice (decomposition, then exact projections); sketch mode once,
+    plus two passes over ``refine_classes`` when given.
+
+    Args:
+        batches: callable returning a fresh iterable of ``(rows (B, d), class_ids (B,),
+            sample_ids (B,))``.
+        num_classes, dim, options: as :class:`StreamingSVD`.
+    """
+    svd = StreamingSVD(num_classes, dim, **options)
+    for batch in batches():
+        svd.update(*batch)
+    svd.finalize()
+    if svd.mode == "gram":
+        for batch in batches():
+            svd.project(*batch)
+    elif refine_classes:
+        svd.refine(batches, refine_classes)
+    return svd.results()
