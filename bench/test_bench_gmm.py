@@ -13,7 +13,11 @@ Groups (``benchmark.group``) and roles (``benchmark.extra_info["role"]``):
   n_init=1)`` fit per group with the same tol, max_iter, reg_covar and the same initial
   weights, means and precisions (computed before timing, so the baseline is not charged
   for them; ``init_params='random_from_data'``, the cheapest, since the explicit
-  parameters override it), then its labels.
+  parameters override it), then its labels. BLAS and OpenMP are limited to one thread
+  during the loop (threadpoolctl): the 1-D fits gain nothing from them, and after an
+  unlimited loop the torch runs that followed in the same process were 20-30x slower
+  (native 10x5000: ~500 ms instead of 15 ms alone, on the 2-core reference machine);
+  whether this limit fully removes that interference is not yet verified.
 
 ``extra_info["agreement"]`` of every role is the fraction of points whose assignment
 equals the scikit-learn label; ``extra_info["max_param_diff"]`` the largest absolute
@@ -64,11 +68,12 @@ def _case(group: str) -> dict:
 
 def _sklearn_fit_all(x: np.ndarray, init) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_limits
 
     w0, m0, v0 = init
     labels = np.empty(x.shape, dtype=np.int64)
     params = np.empty((x.shape[0], 6))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore")
         for c in range(x.shape[0]):
             g = GaussianMixture(
