@@ -35,6 +35,10 @@ TARGETS = [
      "baseline-torchattacks", 2.0),
     ("PGD-20 early_stop=False vs torchattacks-style loop", "pgd20-attack", "native",
      "baseline-torchattacks", 1.1),
+    ("GMM 10 groups x 5,000 points vs loop of scikit-learn fits", "gmm-10x5000", "native",
+     "baseline-sklearn", 20.0),
+    ("GMM 1,000 groups x 1,300 points vs loop of scikit-learn fits", "gmm-1000x1300",
+     "native", "baseline-sklearn", 20.0),
 ]
 # (name, group, role of the faster side, role of the slower side): information only
 INFO = [

@@ -13,7 +13,15 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["fwht", "gram_update_", "opmath_dtype", "pgd_step_", "srht_project", "transform_bits"]
+__all__ = [
+    "fwht",
+    "gmm1d_em",
+    "gram_update_",
+    "opmath_dtype",
+    "pgd_step_",
+    "srht_project",
+    "transform_bits",
+]
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -178,3 +186,113 @@ def gram_update_(
             r = buffer[c, : int(fill[c])]
             gram[c].addmm_(r.T, r)
             fill[c] = 0
+
+
+_LOG_2PI = 1.8378770664093454835606594728112
+# scikit-learn adds 10 * machine epsilon to every component's effective count.
+_COUNT_EPS = 10.0 * torch.finfo(torch.float64).eps
+
+
+def gmm1d_em(
+    values: Tensor,
+    lengths: Tensor,
+    weights: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    max_iter: int,
+    tol: float,
+    reg_covar: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Reference of ``safedl::gmm1d_em``: batched EM for 2-component 1-D Gaussian mixtures.
+
+    All groups iterate together (vectorised over groups); a group stops changing after its
+    own last iteration. One iteration, as scikit-learn's ``GaussianMixture(2, 'full')``:
+    E-step from the current parameters (lower bound = mean log-sum-exp per point), M-step
+    (``n_k = sum r_k + 10 eps``, variances ``+ reg_covar``), stop when the lower bound
+    changed by less than ``tol`` or after ``max_iter`` iterations.
+
+    Degenerate groups are not iterated: ``lengths[c] == 0`` gives weights ``(1, 0)``, means
+    ``(0, 0)``, variances ``(reg_covar, reg_covar)``, log-likelihood 0; a group of one
+    point or of equal values ``x`` gives weights ``(1, 0)``, means ``(x, x)``, variances
+    ``(reg_covar, reg_covar)`` and log-likelihood ``log N(x | x, reg_covar)``; both report
+    0 iterations and converged. A NaN or infinity among a group's values is a ValueError
+    naming the group.
+
+    Args:
+        values: (C, L) float32/float64, padded; group c is ``values[c, :lengths[c]]``.
+        lengths: (C,) int64 in [0, L].
+        weights, means, variances: (C, 2) float64 initial parameters (variances > 0).
+        max_iter: >= 1. tol: >= 0, on the mean log-likelihood per point. reg_covar: > 0.
+
+    Returns:
+        weights, means, variances (C, 2) float64; lower bound (C,) float64 (the mean
+        log-likelihood per point of the last E-step, scikit-learn's ``lower_bound_``);
+        iterations (C,) int64; converged (C,) bool.
+    """
+    c, length = values.shape
+    dev = values.device
+    f64 = torch.float64
+    x = values.to(f64)
+    mask = torch.arange(length, device=dev)[None, :] < lengths[:, None]
+    bad = (~torch.isfinite(x) & mask).any(1)
+    if bool(bad.any()):
+        idx = torch.nonzero(bad).flatten().tolist()
+        shown = ", ".join(str(i) for i in idx[:10])
+        more = f", ... ({len(idx)} groups)" if len(idx) > 10 else ""
+        raise ValueError(f"values must be finite: NaN or infinity in group(s) {shown}{more}")
+    xz = torch.where(mask, x, torch.zeros((), dtype=f64, device=dev))
+    inf = torch.tensor(float("inf"), dtype=f64, device=dev)
+    lo = torch.where(mask, x, inf).amin(1) if length else torch.zeros(c, dtype=f64, device=dev)
+    hi = torch.where(mask, x, -inf).amax(1) if length else lo
+    n = lengths.to(f64)
+    empty = lengths == 0
+    constant = ~empty & (lo == hi)
+    fit = ~empty & ~constant
+
+    w = weights.to(f64) / weights.to(f64).sum(1, keepdim=True)
+    mu = means.to(f64).clone()
+    var = variances.to(f64).clone()
+    lower = torch.full((c,), -float("inf"), dtype=f64, device=dev)
+    n_iter = torch.zeros(c, dtype=torch.int64, device=dev)
+    converged = torch.zeros(c, dtype=torch.bool, device=dev)
+    active = fit.clone()
+    maskf = mask.to(f64)
+    for it in range(1, max_iter + 1):
+        if not bool(active.any()):
+            break
+        d = xz[:, None, :] - mu[:, :, None]  # (C, 2, L)
+        a = (torch.log(w) - 0.5 * (_LOG_2PI + torch.log(var)))[:, :, None] \
+            - 0.5 * d * d / var[:, :, None]
+        lse = torch.logsumexp(a, dim=1)  # (C, L)
+        r = torch.exp(a - lse[:, None, :]) * maskf[:, None, :]
+        raw = r.sum(-1)
+        nk = raw + _COUNT_EPS
+        s = (r * d).sum(-1)
+        q = (r * d * d).sum(-1)
+        delta = s / nk
+        ss = (q - 2.0 * delta * s + delta * delta * raw).clamp_min(0.0)
+        new_w = nk / nk.sum(1, keepdim=True)
+        new_mu = mu + delta
+        new_var = ss / nk + reg_covar
+        new_lower = (lse * maskf).sum(1) / n.clamp_min(1.0)
+        done = active & ((new_lower - lower).abs() < tol)
+        upd = active[:, None]
+        w = torch.where(upd, new_w, w)
+        mu = torch.where(upd, new_mu, mu)
+        var = torch.where(upd, new_var, var)
+        lower = torch.where(active, new_lower, lower)
+        n_iter = torch.where(active, torch.full_like(n_iter, it), n_iter)
+        converged |= done
+        active &= ~done
+
+    # Documented results of the degenerate groups.
+    deg = (empty | constant)[:, None]
+    centre = torch.where(constant, lo, torch.zeros_like(lo))
+    w = torch.where(deg, torch.tensor([1.0, 0.0], dtype=f64, device=dev), w)
+    mu = torch.where(deg, centre[:, None].expand(c, 2), mu)
+    var = torch.where(deg, torch.full_like(var, reg_covar), var)
+    const_ll = -0.5 * (_LOG_2PI + torch.log(torch.tensor(reg_covar, dtype=f64)))
+    lower = torch.where(constant, const_ll.to(dev), lower)
+    lower = torch.where(empty, torch.zeros_like(lower), lower)
+    converged |= ~fit
+    return w, mu, var, lower, n_iter, converged
