@@ -5,11 +5,19 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
 #include "gmm.h"
 #include "gmm_math.h"
+
+// AVX2 clones of the E-step beside the baseline (GCC ifunc), as in the pgd driver.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define SAFEDL_GMM_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SAFEDL_GMM_CLONES
+#endif
 
 namespace safedl {
 namespace gmm {
@@ -34,19 +42,64 @@ inline void store(const GroupOut& o, const Params& p) {
   }
 }
 
-// One E-step pass over a group's points. Four independent partial sums keep the
-// floating-point dependency chains short.
+// One E-step pass over a group's points, written so the compiler vectorises it: kLanes
+// independent accumulators per statistic (structure of arrays), libm-free point terms,
+// and log(1 + e) summed as the log of a product of (1 + e) in [1, 2], taken every
+// kFlush points per lane (2^kFlush cannot overflow).
+constexpr int kLanes = 8;
+constexpr int kFlush = 32;
+
+// Always inlined, so each clone below compiles its own copy for its target.
 template <typename T>
-inline Stats e_pass(const T* __restrict__ x, int64_t n, const Coeffs& k) {
-  constexpr int kLanes = 4;
-  Stats part[kLanes];
-  for (int l = 0; l < kLanes; ++l) part[l] = zero_stats();
+__attribute__((always_inline)) inline Stats e_pass_impl(const T* __restrict__ x, int64_t n, const Coeffs& k) {
+  double r0[kLanes] = {}, r1[kLanes] = {}, s0[kLanes] = {}, s1[kLanes] = {};
+  double q0[kLanes] = {}, q1[kLanes] = {}, hi[kLanes] = {}, prod[kLanes];
+  for (int l = 0; l < kLanes; ++l) prod[l] = 1.0;
+  double log_prod = 0.0;
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) accumulate(part[l], static_cast<double>(x[j + l]), k);
+  const int64_t full = n - n % kLanes;
+  while (j < full) {
+    const int64_t stop = std::min<int64_t>(full, j + int64_t{kFlush} * kLanes);
+    for (; j < stop; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const PointTerms t = point_terms(static_cast<double>(x[j + l]), k);
+        const double w0 = 1.0 - t.r1;
+        r0[l] += w0;
+        r1[l] += t.r1;
+        s0[l] += w0 * t.d0;
+        s1[l] += t.r1 * t.d1;
+        q0[l] += w0 * t.d0 * t.d0;
+        q1[l] += t.r1 * t.d1 * t.d1;
+        hi[l] += t.hi;
+        prod[l] *= t.one_plus_e;
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      log_prod += std::log(prod[l]);
+      prod[l] = 1.0;
+    }
   }
-  for (; j < n; ++j) accumulate(part[0], static_cast<double>(x[j]), k);
-  return add_stats(add_stats(part[0], part[1]), add_stats(part[2], part[3]));
+  Stats s = zero_stats();
+  for (int l = 0; l < kLanes; ++l) {
+    s.r[0] += r0[l];
+    s.r[1] += r1[l];
+    s.s[0] += s0[l];
+    s.s[1] += s1[l];
+    s.q[0] += q0[l];
+    s.q[1] += q1[l];
+    s.lse += hi[l] + std::log(prod[l]);
+  }
+  s.lse += log_prod;
+  for (; j < n; ++j) accumulate(s, static_cast<double>(x[j]), k);
+  return s;
+}
+
+// Non-template entry points, so each can carry its own clones.
+SAFEDL_GMM_CLONES Stats e_pass(const float* __restrict__ x, int64_t n, const Coeffs& k) {
+  return e_pass_impl<float>(x, n, k);
+}
+SAFEDL_GMM_CLONES Stats e_pass(const double* __restrict__ x, int64_t n, const Coeffs& k) {
+  return e_pass_impl<double>(x, n, k);
 }
 
 template <typename T>

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "../../common/host_device.h"
@@ -85,33 +86,75 @@ SAFEDL_HOST_DEVICE double log_joint(double d, double h, double c) { return c + h
 // smaller responsibility is computed as e / (1 + e) with e = exp(-|a_1 - a_0|), so it
 // keeps its relative precision down to underflow. -inf in one of them (a weight of 0)
 // gives that component responsibility 0.
-SAFEDL_HOST_DEVICE double lse2(double a0, double a1, double* r1) {
-  const double hi = a0 > a1 ? a0 : a1;
+// exp(x) for x <= 0 without libm: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, a
+// degree-12 Taylor polynomial (relative error < 2e-15), 2^k built from its exponent bits.
+// Branch-free arithmetic only, so the CPU loops vectorise it; 0 below -708.
+SAFEDL_HOST_DEVICE double exp_nonpositive(double x) {
+  const double xc = x < -708.0 ? -708.0 : x;
+  const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
+  const double t = xc * 1.4426950408889634 + shifter;
+  const double kf = t - shifter;
+  const double r = (xc - kf * 6.93147180369123816490e-01) - kf * 1.90821492927058770002e-10;
+  double p = 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  // t's low mantissa bits hold k (t = 1.5 * 2^52 + k): (bits(t) + 1023) << 52 is the bit
+  // pattern of 2^k, with integer operations only (no double -> int64 conversion, which
+  // AVX2 lacks).
+  unsigned long long t_bits;
+  memcpy(&t_bits, &t, sizeof(t_bits));
+  const unsigned long long bits = (t_bits + 1023ULL) << 52;
+  double scale;
+  memcpy(&scale, &bits, sizeof(scale));
+  return x < -708.0 ? 0.0 : p * scale;
+}
+
+// Per-point terms of the E-step. a_i = c_i + h_i d_i^2 are the log joint densities;
+// lse(x) = hi + log(one_plus_e) with e = exp(-|a_1 - a_0|); r1 the responsibility of
+// component 1.
+struct PointTerms {
+  double d0, d1, r1, hi, one_plus_e;
+};
+
+SAFEDL_HOST_DEVICE PointTerms point_terms(double x, const Coeffs& k) {
+  PointTerms t;
+  t.d0 = x - k.mu[0];
+  t.d1 = x - k.mu[1];
+  const double a0 = log_joint(t.d0, k.h[0], k.c[0]);
+  const double a1 = log_joint(t.d1, k.h[1], k.c[1]);
+  t.hi = a0 > a1 ? a0 : a1;
   const double diff = a1 - a0;
-  const double e = exp(-(diff < 0 ? -diff : diff));
-  const double big = 1.0 / (1.0 + e);
-  const double small = e * big;
-  *r1 = diff > 0 ? big : small;
-  return hi + log1p(e);
+  const double e = exp_nonpositive(-(diff < 0 ? -diff : diff));
+  t.one_plus_e = 1.0 + e;
+  const double big = 1.0 / t.one_plus_e;
+  t.r1 = diff > 0 ? big : e * big;
+  return t;
 }
 
-// E-step contribution of one point x to the statistics.
+// Adds one point to the sufficient statistics (the CUDA driver's per-thread loop; the
+// CPU driver runs the same point_terms in a vectorised loop of its own).
 SAFEDL_HOST_DEVICE void accumulate(Stats& s, double x, const Coeffs& k) {
-  const double d0 = x - k.mu[0];
-  const double d1 = x - k.mu[1];
-  double r1;
-  const double l = lse2(log_joint(d0, k.h[0], k.c[0]), log_joint(d1, k.h[1], k.c[1]), &r1);
-  const double r0 = 1.0 - r1;
+  const PointTerms t = point_terms(x, k);
+  const double r0 = 1.0 - t.r1;
   s.r[0] += r0;
-  s.r[1] += r1;
-  s.s[0] += r0 * d0;
-  s.s[1] += r1 * d1;
-  s.q[0] += r0 * d0 * d0;
-  s.q[1] += r1 * d1 * d1;
-  s.lse += l;
+  s.r[1] += t.r1;
+  s.s[0] += r0 * t.d0;
+  s.s[1] += t.r1 * t.d1;
+  s.q[0] += r0 * t.d0 * t.d0;
+  s.q[1] += t.r1 * t.d1 * t.d1;
+  s.lse += t.hi + log(t.one_plus_e);
 }
 
-// M-step from the statistics of a pass made with parameters `old`.
 SAFEDL_HOST_DEVICE Params m_step(const Params& old, const Stats& s, double reg_covar) {
   Params p;
   double nk[2];
