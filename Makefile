@@ -10,7 +10,7 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test lint bench cuda-check cmake-test asan-test gpu-check clean
+.PHONY: setup build demo test lint bench bench-linalg cuda-check cmake-test asan-test gpu-check clean
 
 setup:
 	scripts/setup-venv.sh $(VENV) $(TORCH_SPEC)
@@ -27,9 +27,17 @@ test: setup lint
 	SAFEDL_REQUIRE_NATIVE=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: setup
-	SAFEDL_REQUIRE_NATIVE=1 $(PY) -m pytest bench -q --benchmark-json=bench/results/cpu-raw.json
+	SAFEDL_REQUIRE_NATIVE=1 SAFEDL_BENCH_IMAGENET=1 $(PY) -m pytest bench -q \
+		--benchmark-json=bench/results/cpu-raw.json
 	$(PY) bench/summarize.py bench/results/cpu-raw.json --out bench/results/cpu.json \
 		--markdown bench/results/cpu.md
+
+# Issue 3 only: streamed SVD (CIFAR- and ImageNet-shaped) and batched GMM (~15 min).
+bench-linalg: setup
+	SAFEDL_REQUIRE_NATIVE=1 SAFEDL_BENCH_IMAGENET=1 $(PY) -m pytest bench/test_bench_svd.py \
+		bench/test_bench_gmm.py -q --benchmark-json=bench/results/linalg-cpu-raw.json
+	$(PY) bench/summarize.py bench/results/linalg-cpu-raw.json \
+		--out bench/results/linalg-cpu.json --markdown bench/results/linalg-cpu.md
 
 # Compile and link the CUDA kernels against a CUDA build of torch; no GPU needed.
 cuda-check:

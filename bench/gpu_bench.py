@@ -127,6 +127,75 @@ def pgd_race(n: int = 256) -> dict:
             "speedup_early_stop": t_ref / t_es, "speedup_no_early_stop": t_ref / t_plain_ours}
 
 
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten().cpu(), b.double().flatten().cpu()
+    return abs(float(a @ b / (a.norm() * b.norm())))
+
+
+def linalg_benchmarks() -> dict:
+    """Issue 3 on the GPU: streamed SVD (CIFAR-shaped hard regime), the structured
+    projection's throughput at d = 150,528, and batched GMM, with their baselines."""
+    from safedl_ext.linalg import StreamingSVD, gmm1d
+    from safedl_ext.linalg.synthetic import planted_matrix
+    from safedl_ext.ops import sketch
+
+    dev = "cuda"
+    x_cpu, _ = planted_matrix(5000, 3072, fraction=0.1, strength=0.6, seed=0)
+    _, _, vh = torch.linalg.svd(x_cpu.double(), full_matrices=False)
+    ref_v, ref_p = vh[0], x_cpu.double() @ vh[0]
+    x = x_cpu.to(dev)
+    zeros = torch.zeros(256, dtype=torch.int64, device=dev)
+    out: dict = {}
+
+    def streamed():
+        svd = StreamingSVD(1, 3072, mode="gram", device=dev)
+        for i in range(0, 5000, 256):
+            r = x[i:i + 256]
+            svd.update(r, zeros[:r.shape[0]], torch.arange(i, i + r.shape[0], device=dev))
+        svd.finalize()
+        for i in range(0, 5000, 256):
+            r = x[i:i + 256]
+            svd.project(r, zeros[:r.shape[0]], torch.arange(i, i + r.shape[0], device=dev))
+        return svd.results()[0]
+
+    def full_svd():
+        v = torch.linalg.svd(x, full_matrices=False)[2][0]
+        return v, x @ v
+
+    def lowrank():
+        v = torch.svd_lowrank(x, q=6, niter=4)[2][:, 0]
+        return v, x @ v
+
+    res = streamed()
+    out["svd_cifar"] = {
+        "median_ms": {"streamed_gram": cuda_median_ms(streamed, reps=10, warmup=2),
+                      "torch_linalg_svd": cuda_median_ms(full_svd, reps=5, warmup=1),
+                      "torch_svd_lowrank_q6_niter4": cuda_median_ms(lowrank, reps=10,
+                                                                    warmup=2)},
+        "cos_vector": _cos(res.vectors[0], ref_v),
+        "cos_projections": _cos(res.projections[:, 0], ref_p),
+        "cos_vector_lowrank": _cos(lowrank()[0], ref_v),
+    }
+    rows = torch.randn(256, 3 * 224 * 224, device=dev)
+    t = cuda_median_ms(lambda: sketch.srht_project(rows, 2048, 1), reps=20)
+    tv = cuda_median_ms(lambda: rows @ rows[0], reps=20)
+    out["srht_150528"] = {"median_ms": t, "rows_per_second": 256 / t * 1e3,
+                          "projection_only_rows_per_second": 256 / tv * 1e3}
+    g = torch.Generator().manual_seed(0)
+    for c, n in ((10, 5000), (1000, 1300)):
+        z = torch.rand((c, n), generator=g, dtype=torch.float64) < 0.5
+        vals = torch.where(z, torch.randn((c, n), generator=g, dtype=torch.float64),
+                           4 + torch.randn((c, n), generator=g, dtype=torch.float64)).to(dev)
+        lengths = torch.full((c,), n, dtype=torch.int64, device=dev)
+        cpu = gmm1d(vals.cpu(), lengths.cpu())
+        gpu = gmm1d(vals, lengths)
+        agree = float((gpu.assignments.cpu() == cpu.assignments).double().mean())
+        out[f"gmm_{c}x{n}"] = {"median_ms": cuda_median_ms(lambda v=vals, n_=lengths: gmm1d(v, n_),
+                                                          reps=10),
+                               "agreement_with_cpu": agree}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -140,6 +209,7 @@ def main() -> int:
         "step": [step_benchmarks(n, dt) for n in (256, 4096)
                  for dt in (torch.float32, torch.float16)],
         "pgd20": pgd_race(),
+        "linalg": linalg_benchmarks(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

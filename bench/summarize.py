@@ -39,6 +39,24 @@ TARGETS = [
      "baseline-sklearn", 20.0),
     ("GMM 1,000 groups x 1,300 points vs loop of scikit-learn fits", "gmm-1000x1300",
      "native", "baseline-sklearn", 20.0),
+    ("streamed SVD (gram) vs torch.linalg.svd, CIFAR-shaped hard regime", "svd-cifar",
+     "native", "baseline-svd", 10.0),
+    ("streamed SVD (gram) vs torch.svd_lowrank(q=6, niter=4)", "svd-cifar", "native",
+     "baseline-lowrank", 1.0),
+]
+# Quality each target's native side must also reach: (group, native role) -> {key: min}.
+QUALITY = {
+    ("gmm-10x5000", "native"): {"agreement": 0.995},
+    ("gmm-1000x1300", "native"): {"agreement": 0.995},
+    ("svd-cifar", "native"): {"cos_vector": 0.999, "cos_projections": 0.999},
+}
+# Requirements on one benchmark's measured values: (name, group, role, key, "<=" or ">=",
+# bound).
+CHECKS = [
+    ("ImageNet-shaped sketch: streamed footprint / materialized float32", "svd-imagenet",
+     "native", "peak_mem_fraction", "<=", 0.05),
+    ("ImageNet-shaped sketch: min projections |cosine| over 20 classes", "svd-imagenet",
+     "native", "cos_projections", ">=", 0.98),
 ]
 # (name, group, role of the faster side, role of the slower side): information only
 INFO = [
@@ -83,7 +101,9 @@ def _rows(raw: dict) -> list[dict[str, Any]]:
             "rounds": st["rounds"],
             "iterations": st.get("iterations", 1),
         }
-        for key in ("robust_acc", "clean_acc_batch", "clean_acc_test1000", "threads"):
+        for key in ("robust_acc", "clean_acc_batch", "clean_acc_test1000", "threads",
+                    "agreement", "cos_vector", "cos_projections", "peak_mem_fraction",
+                    "peak_rss_fraction", "rows_per_second"):
             if key in extra:
                 row[key] = extra[key]
         rows.append(row)
@@ -123,10 +143,29 @@ def summarize(raw: dict) -> dict[str, Any]:
                     acc_ok = abs(diff_pp) <= ACC_TOLERANCE_PP
                     t["robust_acc_within_1pp"] = acc_ok
                     ok = ok and acc_ok
+            need_q = QUALITY.get((group, nrole), {})
+            quality = {k: nat.get(k) for k in need_q}
+            if need_q:
+                t["quality"] = quality
+                ok = ok and all(v is not None and v >= need_q[k] for k, v in quality.items())
+            t["pass"] = ok
+            t["status"] = "PASS" if ok else "MISS"
+        targets.append(t)
+    for name, group, role, key, op, bound in CHECKS:
+        row = _pick(rows, group, role)
+        t = {"target": name, "group": group, "required": f"{op} {bound:g}", "ratio": None,
+             "status": "NOT RUN", "pass": None, "value": None}
+        if row is not None and row.get(key) is not None:
+            value = row[key]
+            ok = value <= bound if op == "<=" else value >= bound
+            t.update(value=value, native=row["variant"], native_median_ms=row["median_ms"],
+                     pass_=ok)
             t["pass"] = ok
             t["status"] = "PASS" if ok else "MISS"
         targets.append(t)
 
+    for t in targets:
+        t.pop("pass_", None)
     info = []
     for name, group, frole, srole in INFO:
         fast, slow = _pick(rows, group, frole), _pick(rows, group, srole)
@@ -146,7 +185,7 @@ def summarize(raw: dict) -> dict[str, Any]:
         "benchmarks": rows,
         "targets": targets,
         "info": info,
-        "all_targets_pass": all(t["pass"] for t in targets),
+        "all_targets_pass": all(t["pass"] for t in targets if t["status"] != "NOT RUN"),
     }
 
 
@@ -174,18 +213,24 @@ def markdown(s: dict[str, Any]) -> str:
             f"{_f(r['iqr_ms'], 3)} | {r['rounds']} | {_f(r['ratio_vs_native'])} | "
             f"{_acc(r.get('robust_acc'))} |")
     lines += ["", "| target | native (ms) | baseline (ms) | speed-up | required | "
-              "robust acc (native / baseline) | status |", "|---|---:|---:|---:|---:|---|---|"]
+              "quality (robust acc native / baseline; agreement; |cos|) | status |",
+              "|---|---:|---:|---:|---:|---|---|"]
     for t in s["targets"]:
         acc = ""
         if "native_robust_acc" in t:
             acc = (f"{_acc(t['native_robust_acc'])} / {_acc(t['baseline_robust_acc'])} "
                    f"({t['robust_acc_diff_pp']:+.1f} pp)")
+        if t.get("quality"):
+            acc = ", ".join(f"{k} {_f(v, 5)}" for k, v in t["quality"].items())
+        if t.get("value") is not None:
+            acc = f"measured {t['value']:.4g}"
         status = t["status"] if t["status"] != "MISS" else "**MISS**"
         if t["status"] == "MISS" and t.get("ratio") is not None and t["ratio"] < t["required"]:
             status += f" ({t['speed_vs_target']:.0%} of target)"
+        req = t["required"] if isinstance(t["required"], str) else f"{t['required']:g}x"
         lines.append(
             f"| {t['target']} | {_f(t.get('native_median_ms'), 3)} | "
-            f"{_f(t.get('baseline_median_ms'), 3)} | {_f(t['ratio'])}x | {t['required']:g}x | "
+            f"{_f(t.get('baseline_median_ms'), 3)} | {_f(t['ratio'])}x | {req} | "
             f"{acc} | {status} |")
     if s["info"]:
         lines += ["", "Information only: " + "; ".join(

@@ -160,6 +160,8 @@ def _init_kmeanspp(x: Tensor, lengths: Tensor, reg_covar: float,
     sample; then up to ``lloyd_iter`` 1-D Lloyd iterations, and the hard clusters give
     weights, means and variances, component 0 the lower centre."""
     length = x.shape[1]
+    if length == 0:  # only empty groups: nothing to place centres on
+        return _init_quantile(x, lengths, reg_covar)
     idx = torch.arange(length, device=x.device)[None, :]
     valid = idx < lengths[:, None]
     xs = torch.where(valid, x, torch.inf).sort(dim=1).values

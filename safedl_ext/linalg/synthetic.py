@@ -71,3 +71,4 @@ def planted_stream(num_classes: int, per_class: int, d: int, *, batch: int = 256
             x[mask] += (strength * d ** 0.5) * dirs[cls[mask]].to(torch.float32)
         x /= torch.linalg.vector_norm(x, dim=1, keepdim=True)
         yield x.to(dtype), cls, ids
+        del x  # do not hold this batch while the next one is generated

@@ -81,6 +81,33 @@ def test_sketch_mode_hard_regime_projections_and_refine(hard):
     assert _cos(res.projections[:, 0], exact) >= 0.999
 
 
+@pytest.mark.slow
+def test_sketch_mode_imagenet_sized_class_against_float64_reference():
+    """N = 1,300, d = 150,528 (3 x 224 x 224), 10% planted: bounded-memory projections
+    |cos| >= 0.98 against the exact float64 ones (from the 1,300 x 1,300 Gram matrix)."""
+    d = 3 * 224 * 224
+    stream = list(planted_stream(1, 1300, d, batch=130, seed=5))
+    svd = StreamingSVD(1, d, mode="sketch", sketch_dim=2048, seed=2)
+    for rows, cls, ids in stream:
+        svd.update(rows, cls, ids)
+    res = svd.finalize()[0]
+    x = torch.cat([r for r, _, _ in stream])
+    del stream
+    gram = torch.zeros(1300, 1300, dtype=torch.float64)
+    for j in range(0, d, 16384):
+        part = x[:, j:j + 16384].double()
+        gram += part @ part.T
+    evals, evecs = torch.linalg.eigh(gram)
+    exact = evecs[:, -1] * evals[-1].sqrt()
+    # the hard regime: the tail carries > 30x the signal's energy (35 against ~1,265)
+    assert float(evals[:-1].sum()) > 30 * float(evals[-1])
+    assert _cos(res.projections[:, 0], exact) >= 0.98
+    # and the refined class is exact
+    svd.refine(lambda: iter([(x[i:i + 325], torch.zeros(325, dtype=torch.long),
+                              torch.arange(i, i + 325)) for i in range(0, 1300, 325)]), [0])
+    assert _cos(svd.results()[0].projections[:, 0], exact) >= 0.999
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("center", [False, True])
 def test_easy_regime_rank3_matches_svd(center, device):
