@@ -30,6 +30,11 @@ TORCH_LIBRARY(safedl, m) {
   m.def(
       "gram_update_(Tensor(a!) gram, Tensor(b!) sums, Tensor(c!) counts, Tensor(d!) buffer, "
       "Tensor(e!) fill, Tensor rows, Tensor class_ids, bool flush) -> ()");
+  // One class's Gram matrix as gram_update_ left it (upper triangle valid) -> the full
+  // symmetric matrix, minus count * mean mean^T when center (computed in float64), in one
+  // pass. gram: (d, d) float32/float64, mean: (d,) float64 on gram's device. Returns (d, d)
+  // of gram's dtype.
+  m.def("gram_symmetrize(Tensor gram, Tensor mean, int count, bool center) -> Tensor");
 
   // ---- linalg: batched EM for 2-component 1-D Gaussian mixtures (ops/gmm) ----
   // values: (C, L) float32/float64, padded; lengths: (C,) int64, group c uses

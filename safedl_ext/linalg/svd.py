@@ -53,10 +53,11 @@ Mode = Literal["gram", "sketch"]
 Batch = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
 
 _GRAM_MAX_BYTES = 16 * 2**30
-_BUFFER_BYTES = 256 * 2**20
+_BUFFER_BYTES = 128 * 2**20
 _PROJECT_CHUNK_BYTES = 64 * 2**20
 _KRYLOV_WIDTH = 160
 _DENSE_EIGH = 256
+_F64 = torch.float64
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,9 @@ class StreamingSVD:
         dtype: state dtype, float32 (default) or float64.
         device: where the state lives; rows are moved there.
         buffer_rows: gram mode: rows buffered per class before a rank-k update (larger k
-            runs the update at GEMM speed when batches mix many classes). ``None``: up to
-            512, within 256 MiB for all classes; 0: no buffering.
+            runs the update at GEMM speed when batches mix many classes, and fewer
+            passes over the Gram matrices). ``None``: up to 2,048, within 128 MiB for all
+            classes; 0: no buffering.
         oversample: extra vectors in the subspace iteration (block size r + oversample).
         max_iter, tol: eigensolver stop (residual <= tol * top eigenvalue).
     """
@@ -290,7 +292,7 @@ class StreamingSVD:
                     f"{dim}^2; use mode='sketch' for large dim")
             if buffer_rows is None:
                 per_row = num_classes * dim * torch.finfo(dtype).bits // 8
-                buffer_rows = int(min(512, _BUFFER_BYTES // per_row))
+                buffer_rows = int(min(2048, _BUFFER_BYTES // per_row))
             if isinstance(buffer_rows, bool) or not isinstance(buffer_rows, int) or \
                     buffer_rows < 0:
                 raise ValueError(f"buffer_rows must be an int >= 0, got {buffer_rows!r}")
@@ -429,12 +431,13 @@ class StreamingSVD:
                 n = counts[c]
                 if n == 0:
                     continue
-                g = self.gram[c].to(torch.float64).triu_()
-                g = g + g.triu(1).T
                 mean = self.sums[c].to(torch.float64) / n
-                if self.center:
-                    g -= n * torch.outer(mean, mean)
-                vals, vecs, ok, its = _top_eigenpairs(lambda b, g=g: g @ b, self.dim,
+                g = sketch_ops.gram_symmetrize(self.gram[c], mean, n, self.center)
+                # The operator runs in the state's dtype (a float32 Gram matrix holds no
+                # more than float32 precision; the Krylov basis stays float64): half the
+                # memory traffic per iteration, same convergence to tol=1e-6 (measured).
+                vals, vecs, ok, its = _top_eigenpairs(
+                    lambda b, g=g: (g @ b.to(g.dtype)).to(torch.float64), self.dim,
                                                       self.rank, q, self.max_iter, self.tol,
                                                       gen, self.device)
                 final[c] = {"count": n, "values": vals.sqrt(), "vectors":
@@ -455,26 +458,25 @@ class StreamingSVD:
                 ids_c = ids_c[order]
                 zc = torch.cat([z for z, _ in parts]).index_select(0, order)
                 del parts
-                zc = zc.to(torch.float64)
                 if self.center:
-                    zc -= zc.mean(dim=0)
+                    zc = zc - zc.to(torch.float64).mean(dim=0).to(zc.dtype)
                 n, k = zc.shape
                 r = min(self.rank, n, k)
                 if n < k:  # work in the smaller space: left vectors, then right
-                    vals, u, ok, its = _top_eigenpairs(lambda b, zc=zc: zc @ (zc.T @ b), n, r,
-                                                       q, self.max_iter, self.tol, gen,
-                                                       self.device)
+                    vals, u, ok, its = _top_eigenpairs(
+                        lambda b, zc=zc: (zc @ (zc.T @ b.to(zc.dtype))).to(_F64), n, r, q,
+                        self.max_iter, self.tol, gen, self.device)
                     sv = vals.sqrt()
-                    w = (zc.T @ u) / sv.clamp_min(torch.finfo(torch.float64).tiny)
+                    w = (zc.T.to(_F64) @ u) / sv.clamp_min(torch.finfo(_F64).tiny)
                     w = w.T
                 else:
-                    vals, w, ok, its = _top_eigenpairs(lambda b, zc=zc: zc.T @ (zc @ b), k, r,
-                                                       q, self.max_iter, self.tol, gen,
-                                                       self.device)
+                    vals, w, ok, its = _top_eigenpairs(
+                        lambda b, zc=zc: (zc.T @ (zc @ b.to(zc.dtype))).to(_F64), k, r, q,
+                        self.max_iter, self.tol, gen, self.device)
                     sv = vals.sqrt()
                     w = w.T
                 w = _orient(w)
-                proj = zc @ w.T
+                proj = zc.to(_F64) @ w.T
                 final[c] = {"count": n, "values": sv, "vectors": None,
                             "sketch": w.to(torch.float32), "mean": None, "converged": ok,
                             "iterations": its, "ids": ids_c, "proj": proj.to(torch.float32),

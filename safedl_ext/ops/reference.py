@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "fwht",
     "gmm1d_em",
+    "gram_symmetrize",
     "gram_update_",
     "opmath_dtype",
     "pgd_step_",
@@ -167,6 +168,15 @@ def srht_project(rows: Tensor, out_dim: int, seed: int) -> Tensor:
     padded[:, :d] = rows * signs
     pick = torch.as_tensor(srht_pick(d, out_dim, seed), device=rows.device)
     return fwht(padded)[:, pick] * (1.0 / math.sqrt(out_dim))
+
+
+def gram_symmetrize(gram: Tensor, mean: Tensor, count: int, center: bool) -> Tensor:
+    """Reference of ``safedl::gram_symmetrize``: triu(g) + triu(g, 1)^T (- n mu mu^T)."""
+    g = gram.to(torch.float64).triu()
+    out = g + g.triu(1).T
+    if center:
+        out = out - count * torch.outer(mean, mean)
+    return out.to(gram.dtype)
 
 
 def gram_update_(

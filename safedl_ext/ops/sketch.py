@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import _NATIVE, reference
 
-__all__ = ["gram_update_", "srht_project"]
+__all__ = ["gram_symmetrize", "gram_update_", "srht_project"]
 
 _SEED_MAX = (1 << 63) - 1
 
@@ -24,6 +24,25 @@ if _NATIVE:
     @torch.library.register_fake("safedl::gram_update_")
     def _gram_update_fake(gram, sums, counts, buffer, fill, rows, class_ids, flush) -> None:
         return None
+
+    @torch.library.register_fake("safedl::gram_symmetrize")
+    def _gram_symmetrize_fake(gram: Tensor, mean: Tensor, count: int, center: bool) -> Tensor:
+        return gram.new_empty(gram.shape)
+
+
+def gram_symmetrize(gram: Tensor, mean: Tensor, count: int, center: bool) -> Tensor:
+    """One class's Gram matrix as :func:`gram_update_` left it (upper triangle valid) as the
+    full symmetric matrix, minus ``count * outer(mean, mean)`` when ``center`` (computed in
+    float64, stored in gram's dtype).
+
+    Args:
+        gram: (d, d) float32/float64. mean: (d,) float64. count: rows summed into gram.
+    Returns:
+        (d, d) of gram's dtype.
+    """
+    if _NATIVE:
+        return torch.ops.safedl.gram_symmetrize(gram, mean, int(count), bool(center))
+    return reference.gram_symmetrize(gram, mean, int(count), bool(center))
 
 
 def srht_project(rows: Tensor, out_dim: int, seed: int = 0) -> Tensor:

@@ -154,3 +154,33 @@ def test_srht_property_linear_and_shaped(d, k, b, seed):
     px, py = sketch.srht_project(x, k, seed), sketch.srht_project(y, k, seed)
     assert px.shape == (b, k)
     torch.testing.assert_close(sketch.srht_project(2 * x - y, k, seed), 2 * px - py)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 63, 64, 65, 300])
+def test_gram_symmetrize_matches_reference(device, dtype, d):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(40, d, generator=g, dtype=torch.float64)
+    state = _gram_state(1, d, 0, dtype=dtype, device=device)
+    sketch.gram_update_(*state, x.to(device, dtype), torch.zeros(40, dtype=torch.int64,
+                                                                  device=device), True)
+    mean = x.mean(0).to(device)
+    for center in (False, True):
+        got = sketch.gram_symmetrize(state[0][0], mean, 40, center)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, reference.gram_symmetrize(state[0][0], mean, 40, center))
+        xc = x - x.mean(0) if center else x
+        torch.testing.assert_close(got.double().cpu(), xc.T @ xc,
+                                   atol=1e-4 if dtype == torch.float32 else 1e-10, rtol=1e-5)
+
+
+@needs_native
+def test_gram_symmetrize_opcheck_and_errors():
+    gram = torch.randn(6, 6, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.safedl.gram_symmetrize.default,
+                          (gram, torch.randn(6, dtype=torch.float64), 3, True))
+    with pytest.raises(ValueError, match="mean must have shape"):
+        sketch.gram_symmetrize(gram, torch.zeros(5, dtype=torch.float64), 3, True)
+    with pytest.raises(TypeError, match="mean must be float64"):
+        sketch.gram_symmetrize(gram, torch.zeros(6), 3, True)

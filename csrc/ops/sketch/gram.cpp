@@ -2,6 +2,8 @@
 // StreamingSVD. Routing, buffering and the symmetric blocked rank-k update are written
 // once on ATen calls (BLAS on the CPU, cuBLAS on CUDA) and registered for both devices.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -15,7 +17,7 @@ namespace {
 
 // Column block of the symmetric update. Only blocks on or above the diagonal are
 // computed: (nb + 1) / (2 nb) of a full GEMM's work for nb blocks.
-constexpr int64_t kGramBlock = 768;
+constexpr int64_t kGramBlock = 1536;
 
 // gram (d, d) += s^T s on the upper-triangular blocks; s: (k, d).
 void syrk_upper(at::Tensor gram, const at::Tensor& s) {
@@ -140,10 +142,80 @@ void gram_update_(const at::Tensor& gram, const at::Tensor& sums, const at::Tens
   }
 }
 
+void check_symmetrize_args(const at::Tensor& gram, const at::Tensor& mean, int64_t count) {
+  check_floating(gram, "gram");
+  TORCH_CHECK_VALUE(gram.dim() == 2 && gram.size(0) == gram.size(1),
+                    "gram must be a square (d, d) matrix, got ", gram.sizes());
+  TORCH_CHECK_VALUE(mean.dim() == 1 && mean.size(0) == gram.size(0), "mean must have shape (",
+                    gram.size(0), ",), got ", mean.sizes());
+  TORCH_CHECK_TYPE(mean.scalar_type() == at::kDouble, "mean must be float64, got ",
+                   mean.scalar_type());
+  TORCH_CHECK_VALUE(mean.device() == gram.device(), "mean must be on ", gram.device(),
+                    ", got ", mean.device());
+  TORCH_CHECK_VALUE(count >= 0, "count must be >= 0, got ", count);
+}
+
+// Any device: composed of ATen ops (several passes).
+at::Tensor gram_symmetrize_composite(const at::Tensor& gram, const at::Tensor& mean,
+                                     int64_t count, bool center) {
+  check_symmetrize_args(gram, mean, count);
+  at::Tensor g = gram.to(at::kDouble).triu();
+  at::Tensor out = g + g.triu(1).t();
+  if (center) out.sub_(at::outer(mean, mean), static_cast<double>(count));
+  return out.to(gram.scalar_type());
+}
+
+// CPU: one pass in 64 x 64 tiles; tile (I, J), I <= J, is read once from the upper
+// triangle and written to (I, J) and, transposed, to (J, I).
+template <typename T>
+void symmetrize_cpu(const T* __restrict__ g, int64_t d, const double* __restrict__ mu,
+                    double scale, T* __restrict__ out) {
+  constexpr int64_t kTile = 64;
+  const int64_t tiles = (d + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const int64_t i0 = ti * kTile, i1 = std::min(d, i0 + kTile);
+      for (int64_t tj = ti; tj < tiles; ++tj) {
+        const int64_t j0 = tj * kTile, j1 = std::min(d, j0 + kTile);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t js = std::max(j0, i);
+          for (int64_t j = js; j < j1; ++j) {
+            const T v = static_cast<T>(static_cast<double>(g[i * d + j]) - scale * mu[i] * mu[j]);
+            out[i * d + j] = v;
+            out[j * d + i] = v;
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor gram_symmetrize_cpu(const at::Tensor& gram, const at::Tensor& mean, int64_t count,
+                               bool center) {
+  check_symmetrize_args(gram, mean, count);
+  TORCH_CHECK_VALUE(gram.device().is_cpu(), "gram must be on the CPU for this kernel");
+  const int64_t d = gram.size(0);
+  const at::Tensor g = gram.contiguous();
+  const at::Tensor mu = mean.contiguous();
+  at::Tensor out = at::empty({d, d}, gram.options());
+  const double scale = center ? static_cast<double>(count) : 0.0;
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gram_symmetrize_cpu", [&] {
+    symmetrize_cpu<scalar_t>(g.const_data_ptr<scalar_t>(), d, mu.const_data_ptr<double>(),
+                             scale, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(safedl, CPU, m) { m.impl("gram_update_", &gram_update_); }
-TORCH_LIBRARY_IMPL(safedl, CUDA, m) { m.impl("gram_update_", &gram_update_); }
+TORCH_LIBRARY_IMPL(safedl, CPU, m) {
+  m.impl("gram_update_", &gram_update_);
+  m.impl("gram_symmetrize", &gram_symmetrize_cpu);
+}
+TORCH_LIBRARY_IMPL(safedl, CUDA, m) {
+  m.impl("gram_update_", &gram_update_);
+  m.impl("gram_symmetrize", &gram_symmetrize_composite);
+}
 
 }  // namespace sketch
 }  // namespace safedl
