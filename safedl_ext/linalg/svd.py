@@ -67,7 +67,9 @@ class ClassSVD:
     Attributes:
         label: the class id.
         count: N, rows seen.
-        singular_values: (r,) float64, descending. Sketch mode before :meth:`refine`: those
+        singular_values: (r,) float64, descending (r = rank; in sketch mode at most the
+            class's row count). Values below ~sqrt(eps) * the top one are rounding noise
+            of the state's dtype (eps of float32: 6e-8). Sketch mode before :meth:`refine`: those
             of the compact rows (estimates); after: ``||X_c v_j||``.
         vectors: (r, d) float32 unit right singular vectors in input space, or ``None``
             (sketch mode before :meth:`refine`). Sign: the largest-magnitude entry is
@@ -623,7 +625,12 @@ class StreamingSVD:
                                   == ids[sel]).all()):
                     raise ValueError(f"class {c}: refine() saw a sample id that update() did "
                                      "not")
-                u = f["proj"][pos].to(torch.float64) / f["values"].clamp_min(1e-300)
+                # Left vectors u = p / sigma; components with sigma ~ 0 (rank-deficient
+                # class) get u = 0 rather than an overflow.
+                sv = f["values"]
+                live = sv > 1e-12 * sv[0].clamp_min(1e-300)
+                u = torch.where(live, f["proj"][pos].to(torch.float64)
+                                / torch.where(live, sv, torch.ones_like(sv)), 0.0)
                 acc[c] += u.T @ rows[sel]
                 total[c] += rows[sel].sum(dim=0)
                 weight[c] += u.sum(dim=0)

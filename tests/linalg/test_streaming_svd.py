@@ -233,9 +233,14 @@ def test_property_shapes_orthonormal_and_permutation_invariant(n, d, r, mode, ce
     for order in (torch.arange(n), perm):
         res = streamed_svd(_batches(x, 7, order=order), 1, d, mode=mode, rank=r, center=center,
                            sketch_dim=16, refine_classes=[0])[0]
-        assert res.vectors.shape == (r, d) and res.projections.shape == (n, r)
-        assert res.singular_values.shape == (r,)
+        # sketch mode returns at most n components (a class with fewer rows than rank)
+        r_got = min(r, n) if mode == "sketch" else r
+        assert res.vectors.shape == (r_got, d) and res.projections.shape == (n, r_got)
+        assert res.singular_values.shape == (r_got,)
         assert bool(torch.isfinite(res.projections).all())
         outs.append(res)
+    # singular values below ~sqrt(float32 eps) * sigma_1 are rounding noise of the float32
+    # state (a rank-deficient class): compare on that scale
+    top = float(outs[0].singular_values[0])
     torch.testing.assert_close(outs[0].singular_values, outs[1].singular_values, rtol=1e-5,
-                               atol=1e-6)
+                               atol=1e-3 * top + 1e-6)
