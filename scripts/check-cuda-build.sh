@@ -21,7 +21,10 @@ import torch
 from safedl_ext import ops
 assert ops.backend() == "native", ops.native_error()
 assert ops.has_cuda_kernels(), "CUDA kernels of safedl::pgd_step_ are not registered"
-for key in ("CPU", "CUDA"):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("safedl::pgd_step_", key), key
-print("CUDA build OK: safedl::pgd_step_ has CPU and CUDA kernels (torch", torch.__version__ + ")")
+OPS = ("pgd_step_", "srht_project", "gram_update_", "gram_symmetrize", "gmm1d_em")
+for op in OPS:
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"safedl::{op}", key), (op, key)
+print("CUDA build OK: safedl::{" + ", ".join(OPS) + "} have CPU and CUDA kernels (torch",
+      torch.__version__ + ")")
 PY
