@@ -132,14 +132,15 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return abs(float(a @ b / (a.norm() * b.norm())))
 
 
-def linalg_benchmarks() -> dict:
+def linalg_benchmarks(dev: str = "cuda", timer=None) -> dict:
     """Issue 3 on the GPU: streamed SVD (CIFAR-shaped hard regime), the structured
-    projection's throughput at d = 150,528, and batched GMM, with their baselines."""
+    projection's throughput at d = 150,528, and batched GMM, with their baselines.
+    (``dev``/``timer`` let it be smoke-tested on a CPU.)"""
     from safedl_ext.linalg import StreamingSVD, gmm1d
     from safedl_ext.linalg.synthetic import planted_matrix
     from safedl_ext.ops import sketch
 
-    dev = "cuda"
+    cuda_median_ms = timer or globals()["cuda_median_ms"]
     x_cpu, _ = planted_matrix(5000, 3072, fraction=0.1, strength=0.6, seed=0)
     _, _, vh = torch.linalg.svd(x_cpu.double(), full_matrices=False)
     ref_v, ref_p = vh[0], x_cpu.double() @ vh[0]
