@@ -515,17 +515,13 @@ class StreamingSVD:
             sample_ids = torch.arange(start, start + rows.shape[0])
             self._proj_next_id = start + rows.shape[0]
         cls = class_ids.to(device=self.device, dtype=torch.int64)
-        has = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
-        for c, f in self._final.items():
-            if f["vectors"] is not None:
-                has[c] = True
+        v_all, mv, has = self._stacked_vectors()
         keep = has[cls]
         if not bool(keep.any()):
             return
         rows = rows.detach().to(device=self.device, dtype=torch.float32)[keep]
         cls = cls[keep]
         ids = sample_ids.to(self.device, torch.int64)[keep]
-        v_all, mv = self._stacked_vectors()
         r = self.rank
         if self.num_classes * r <= 64:
             p = (rows @ v_all.reshape(-1, self.dim).T).reshape(-1, self.num_classes, r)
@@ -537,23 +533,26 @@ class StreamingSVD:
         p = p - mv[cls]
         self._proj.append((cls, ids, p))
 
-    def _stacked_vectors(self) -> tuple[Tensor, Tensor]:
-        """(C, r, d) vectors (zeros where none) and (C, r) mean . vector offsets."""
+    def _stacked_vectors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(C, r, d) vectors (zeros where none), (C, r) mean . vector offsets and (C,) bool
+        "has input-space vectors", built once per decomposition (not per batch)."""
         assert self._final is not None
         cache = getattr(self, "_stack_cache", None)
         if cache is not None:
             return cache
         v_all = torch.zeros((self.num_classes, self.rank, self.dim), device=self.device)
         mv = torch.zeros((self.num_classes, self.rank), device=self.device)
+        has = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
         for c, f in self._final.items():
             if f["vectors"] is None:
                 continue
+            has[c] = True
             r = f["vectors"].shape[0]
             v_all[c, :r] = f["vectors"]
             if f["mean"] is not None:
                 mv[c, :r] = (f["vectors"].to(torch.float64) @ f["mean"]).to(torch.float32)
-        self._stack_cache = (v_all, mv)
-        return v_all, mv
+        self._stack_cache = (v_all, mv, has)
+        return v_all, mv, has
 
     def _collect_projections(self) -> None:
         """Fold the projections gathered by project() into the per-class results."""
