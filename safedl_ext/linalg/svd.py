@@ -175,7 +175,7 @@ def _orient(vectors: Tensor) -> Tensor:
     return vectors * sign
 
 
-def _as_batch(rows: Tensor, class_ids: Tensor, sample_ids: Tensor | None, d: int,
+def _check_batch(rows: Tensor, class_ids: Tensor, sample_ids: Tensor | None, d: int,
               num_classes: int) -> None:
     if not isinstance(rows, Tensor):
         raise TypeError(f"rows must be a tensor, got {type(rows).__name__}")
@@ -283,6 +283,8 @@ class StreamingSVD:
             raise ValueError(f"rank must be <= {dim if mode == 'gram' else self.sketch_dim}, "
                              f"got {rank}")
         self._next_id = 0
+        self._proj_next_id = 0
+        self._stack_cache: tuple[Tensor, Tensor, Tensor] | None = None
         self._final: dict[int, dict] | None = None
         self._proj: list[tuple[Tensor, Tensor, Tensor]] = []
         self.counts = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
@@ -322,7 +324,7 @@ class StreamingSVD:
         if self._final is not None:
             raise RuntimeError("update() after finalize(): the decomposition is fixed; "
                                "use project() or a new StreamingSVD")
-        _as_batch(rows, class_ids, sample_ids, self.dim, self.num_classes)
+        _check_batch(rows, class_ids, sample_ids, self.dim, self.num_classes)
         b = rows.shape[0]
         if sample_ids is None:
             sample_ids = torch.arange(self._next_id, self._next_id + b)
@@ -509,9 +511,9 @@ class StreamingSVD:
         """
         if self._final is None:
             raise RuntimeError("project() before finalize()")
-        _as_batch(rows, class_ids, sample_ids, self.dim, self.num_classes)
+        _check_batch(rows, class_ids, sample_ids, self.dim, self.num_classes)
         if sample_ids is None:
-            start = getattr(self, "_proj_next_id", 0)
+            start = self._proj_next_id
             sample_ids = torch.arange(start, start + rows.shape[0])
             self._proj_next_id = start + rows.shape[0]
         cls = class_ids.to(device=self.device, dtype=torch.int64)
@@ -537,9 +539,8 @@ class StreamingSVD:
         """(C, r, d) vectors (zeros where none), (C, r) mean . vector offsets and (C,) bool
         "has input-space vectors", built once per decomposition (not per batch)."""
         assert self._final is not None
-        cache = getattr(self, "_stack_cache", None)
-        if cache is not None:
-            return cache
+        if self._stack_cache is not None:
+            return self._stack_cache
         v_all = torch.zeros((self.num_classes, self.rank, self.dim), device=self.device)
         mv = torch.zeros((self.num_classes, self.rank), device=self.device)
         has = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
@@ -576,7 +577,6 @@ class StreamingSVD:
             if c_ids.numel() > 1 and bool((c_ids[1:] == c_ids[:-1]).any()):
                 raise ValueError(f"class {c}: a sample id was projected twice")
             f["ids"], f["proj"], f["exact"] = c_ids, c_p, True
-        self._stack_cache = None
 
     def refine(self, batches: Callable[[], Iterable[Batch]], classes: Iterable[int]) -> None:
         """Sketch mode: exact input-space vectors and projections for ``classes`` by
@@ -659,7 +659,7 @@ class StreamingSVD:
         if not isinstance(batch, (tuple, list)) or len(batch) != 3:
             raise ValueError("batches() must yield (rows, class_ids, sample_ids) tuples")
         rows, cls, ids = batch
-        _as_batch(rows, cls, ids, self.dim, self.num_classes)
+        _check_batch(rows, cls, ids, self.dim, self.num_classes)
         return (rows.detach().to(self.device), cls.to(self.device, torch.int64),
                 ids.to(self.device, torch.int64))
 

@@ -91,18 +91,13 @@ def pgd_step_(
 _MASK64 = (1 << 64) - 1
 
 
-def _mix64(z: int) -> int:
-    """SplitMix64 finaliser on Python ints (the counter-based generator of sketch_math.h)."""
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def _mix64_np(z):  # numpy uint64 arrays, wrapping arithmetic
+def _mix64(z):
+    """SplitMix64 finaliser (the counter-based generator of sketch_math.h) on numpy uint64
+    values, scalar or array, with wrapping arithmetic."""
     import numpy as np
 
     with np.errstate(over="ignore"):
+        z = np.uint64(z) if np.isscalar(z) else z
         z = z + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -110,7 +105,8 @@ def _mix64_np(z):  # numpy uint64 arrays, wrapping arithmetic
 
 
 def _stream_key(seed: int, stream: int) -> int:
-    return _mix64(_mix64(seed & _MASK64) ^ ((0xD1B54A32D192ED03 * (stream + 1)) & _MASK64))
+    salt = (0xD1B54A32D192ED03 * (stream + 1)) & _MASK64
+    return int(_mix64(int(_mix64(seed & _MASK64)) ^ salt))
 
 
 def transform_bits(d: int) -> int:
@@ -125,7 +121,7 @@ def srht_signs(d: int, seed: int):
     key = np.uint64(_stream_key(seed, 0))
     i = np.arange(d, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        h = _mix64_np(key ^ (i * np.uint64(0x9E3779B97F4A7C15)))
+        h = _mix64(key ^ (i * np.uint64(0x9E3779B97F4A7C15)))
     return np.where((h >> np.uint64(63)) == 1, -1.0, 1.0)
 
 
@@ -140,7 +136,7 @@ def srht_pick(d: int, k: int, seed: int):
     key = _stream_key(seed, 1)
     with np.errstate(over="ignore"):
         for _ in range(4):
-            key = _mix64(key)
+            key = int(_mix64(key))
             x = (x + np.uint64(key)) & mask
             x = (x * np.uint64((key >> 1) | 1)) & mask
             if bits > 1:

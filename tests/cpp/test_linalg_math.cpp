@@ -6,24 +6,11 @@
 #include <cstdio>
 #include <vector>
 
+#include "expect.h"
 #include "ops/gmm/gmm_math.h"
 #include "ops/sketch/sketch_math.h"
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-#define EXPECT(cond, ...)                                          \
-  do {                                                            \
-    ++g_checks;                                                   \
-    if (!(cond)) {                                                \
-      ++g_failures;                                               \
-      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                                   \
-      std::printf("\n");                                          \
-    }                                                             \
-  } while (0)
 
 void test_exp_nonpositive() {
   using safedl::gmm::exp_nonpositive;

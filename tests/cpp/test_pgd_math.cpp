@@ -10,12 +10,10 @@
 #include <limits>
 #include <vector>
 
+#include "expect.h"
 #include "ops/pgd/pgd_math.h"
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
 
 template <typename T>
 const char* type_name();
@@ -23,17 +21,6 @@ template <>
 const char* type_name<float>() { return "float"; }
 template <>
 const char* type_name<double>() { return "double"; }
-
-#define EXPECT(cond, ...)                                                     \
-  do {                                                                       \
-    ++g_checks;                                                              \
-    if (!(cond)) {                                                           \
-      ++g_failures;                                                          \
-      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);            \
-      std::printf(__VA_ARGS__);                                              \
-      std::printf("\n");                                                     \
-    }                                                                        \
-  } while (0)
 
 // Exact (bitwise-value) equality, NaN == NaN.
 template <typename T>

@@ -86,6 +86,18 @@ inline void raise_if_nonfinite(const at::Tensor& status_cpu) {
   TORCH_CHECK_VALUE(false, "values must be finite: NaN or infinity in group(s) ", bad.str());
 }
 
+// The inputs as contiguous tensors (copies only where a caller's tensor is not).
+struct Inputs {
+  Inputs(const at::Tensor& v, const at::Tensor& len, const at::Tensor& w, const at::Tensor& m,
+         const at::Tensor& s)
+      : values(v.contiguous()),
+        lengths(len.contiguous()),
+        weights(w.contiguous()),
+        means(m.contiguous()),
+        variances(s.contiguous()) {}
+  at::Tensor values, lengths, weights, means, variances;
+};
+
 // The six outputs, allocated on values' device.
 struct Outputs {
   explicit Outputs(const at::Tensor& values) {

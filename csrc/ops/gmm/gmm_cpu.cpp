@@ -164,18 +164,14 @@ Result gmm1d_em_cpu(const at::Tensor& values, const at::Tensor& lengths,
   Outputs out(values);
   const int64_t c = values.size(0);
   if (c == 0) return out.result();
-  const at::Tensor v = values.contiguous();
-  const at::Tensor len = lengths.contiguous();
-  const at::Tensor w0 = weights.contiguous();
-  const at::Tensor m0 = means.contiguous();
-  const at::Tensor s0 = variances.contiguous();
-  const int64_t stride = v.size(1);
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "gmm1d_em_cpu", [&] {
-    const scalar_t* xv = v.const_data_ptr<scalar_t>();
-    const int64_t* lv = len.const_data_ptr<int64_t>();
-    const double* wp = w0.const_data_ptr<double>();
-    const double* mp = m0.const_data_ptr<double>();
-    const double* sp = s0.const_data_ptr<double>();
+  const Inputs in(values, lengths, weights, means, variances);
+  const int64_t stride = in.values.size(1);
+  AT_DISPATCH_FLOATING_TYPES(in.values.scalar_type(), "gmm1d_em_cpu", [&] {
+    const scalar_t* xv = in.values.const_data_ptr<scalar_t>();
+    const int64_t* lv = in.lengths.const_data_ptr<int64_t>();
+    const double* wp = in.weights.const_data_ptr<double>();
+    const double* mp = in.means.const_data_ptr<double>();
+    const double* sp = in.variances.const_data_ptr<double>();
     double* ow = out.weights.data_ptr<double>();
     double* om = out.means.data_ptr<double>();
     double* os = out.variances.data_ptr<double>();
@@ -185,13 +181,7 @@ Result gmm1d_em_cpu(const at::Tensor& values, const at::Tensor& lengths,
     int32_t* ost = out.status.data_ptr<int32_t>();
     at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
-        Params p;
-        const double wsum = wp[2 * g] + wp[2 * g + 1];
-        for (int i = 0; i < 2; ++i) {
-          p.w[i] = wp[2 * g + i] / wsum;
-          p.mu[i] = mp[2 * g + i];
-          p.var[i] = sp[2 * g + i];
-        }
+        const Params p = initial_params(wp, mp, sp, g);
         const GroupOut o{ow + 2 * g, om + 2 * g, os + 2 * g, oll + g, oit + g, oc + g, ost + g};
         fit_group<scalar_t>(xv + g * stride, lv[g], p, max_iter, tol, reg_covar, o);
       }

@@ -96,12 +96,7 @@ __global__ void em_kernel(const T* __restrict__ x, int64_t stride,
         oconv[g] = true;
         ostatus[g] = kConstant;
       } else {
-        const double wsum = w0[2 * g] + w0[2 * g + 1];
-        for (int i = 0; i < 2; ++i) {
-          params.w[i] = w0[2 * g + i] / wsum;
-          params.mu[i] = m0[2 * g + i];
-          params.var[i] = v0[2 * g + i];
-        }
+        params = initial_params(w0, m0, v0, g);
         stop = 0;
       }
     }
@@ -147,17 +142,14 @@ Result gmm1d_em_cuda(const at::Tensor& values, const at::Tensor& lengths,
   Outputs out(values);
   const int64_t c = values.size(0);
   if (c == 0) return out.result();
-  const at::Tensor v = values.contiguous();
-  const at::Tensor len = lengths.contiguous();
-  const at::Tensor w0 = weights.contiguous();
-  const at::Tensor m0 = means.contiguous();
-  const at::Tensor s0 = variances.contiguous();
+  const Inputs in(values, lengths, weights, means, variances);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = std::min<int64_t>(c, 65535);
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "gmm1d_em_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.values.scalar_type(), "gmm1d_em_cuda", [&] {
     em_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        v.const_data_ptr<scalar_t>(), v.size(1), len.const_data_ptr<int64_t>(),
-        w0.const_data_ptr<double>(), m0.const_data_ptr<double>(), s0.const_data_ptr<double>(),
+        in.values.const_data_ptr<scalar_t>(), in.values.size(1),
+        in.lengths.const_data_ptr<int64_t>(), in.weights.const_data_ptr<double>(),
+        in.means.const_data_ptr<double>(), in.variances.const_data_ptr<double>(),
         c, max_iter, tol, reg_covar, out.weights.data_ptr<double>(),
         out.means.data_ptr<double>(), out.variances.data_ptr<double>(),
         out.log_likelihood.data_ptr<double>(), out.n_iter.data_ptr<int64_t>(),

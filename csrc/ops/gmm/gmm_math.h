@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 
@@ -50,6 +51,20 @@ struct Stats {
   double q[2];   // sum r_k (x - mu_k)^2
   double lse;    // sum lse(x)
 };
+
+// Group g's starting parameters from the (C, 2) initial weights, means and variances;
+// the weights are renormalised to sum to 1.
+SAFEDL_HOST_DEVICE Params initial_params(const double* w, const double* mu, const double* var,
+                                         int64_t g) {
+  Params p;
+  const double wsum = w[2 * g] + w[2 * g + 1];
+  for (int i = 0; i < 2; ++i) {
+    p.w[i] = w[2 * g + i] / wsum;
+    p.mu[i] = mu[2 * g + i];
+    p.var[i] = var[2 * g + i];
+  }
+  return p;
+}
 
 SAFEDL_HOST_DEVICE Coeffs coeffs_of(const Params& p) {
   Coeffs k;
