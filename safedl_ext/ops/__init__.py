@@ -31,6 +31,7 @@ __all__ = [
     "pgd_step_checked_",
     "random_start",
     "reference",
+    "xent_seed",
 ]
 
 _PKG_DIR = Path(__file__).resolve().parent.parent
@@ -237,3 +238,16 @@ def random_start(
     else:
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     return (x0.to(dt) + delta).clamp_(lo, hi).to(x0.dtype)
+
+
+def xent_seed(logits: Tensor, labels: Tensor) -> Tensor:
+    """``softmax(logits) - onehot(labels)``, the cross-entropy seed of an input gradient.
+
+    Args:
+        logits: (N, K) float.
+        labels: (N,) int64 in [0, K).
+
+    Returns:
+        (N, K), differentiable w.r.t. ``logits`` (twice).
+    """
+    return reference.xent_seed(logits, labels)

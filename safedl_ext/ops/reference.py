@@ -302,3 +302,10 @@ def gmm1d_em(
     lower = torch.where(empty, torch.zeros_like(lower), lower)
     converged |= ~fit
     return w, mu, var, lower, n_iter, converged
+
+
+def xent_seed(logits: Tensor, labels: Tensor) -> Tensor:
+    """(N, K) ``softmax(logits) - onehot(labels)``: the gradient of the summed
+    cross-entropy w.r.t. the logits (differentiable through torch's own autograd)."""
+    p = torch.softmax(logits, dim=1)
+    return p - torch.zeros_like(p).scatter_(1, labels.long().view(-1, 1), 1.0)

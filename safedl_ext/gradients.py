@@ -1,0 +1,248 @@
+"""Input gradients: ``dL/dx`` and friends, optionally differentiable (double backprop).
+
+JARN, IGAM, double-backpropagation training and the backdoor scan all need the gradient
+of a classifier's loss (or probability, or logit) with respect to its *input*, per sample.
+:func:`input_gradients` computes it with one forward pass and vector-Jacobian products:
+
+- ``labels="true"`` (or a label tensor): one VJP, seed chosen by ``wrt``;
+- ``labels="all"``: the gradient for every class, from the same forward pass, with the K
+  seeds pushed through the backward graph as one batched VJP (``is_grads_batched``),
+  chunked over classes to bound memory — not K forward+backward passes.
+
+With ``create_graph=True`` the result stays in the autograd graph, so a loss built from
+it (an adversarial loss on the gradient, an L2 matching term, ``||dL/dx||^2``) can be
+back-propagated to the model's parameters.
+
+Seeds (``z`` = logits, ``p = softmax(z)``, ``e_y`` = one-hot label), all per sample:
+
+=========  ========================  ===============================================
+``wrt``    seed ``dOut/dz``           gradient of
+=========  ========================  ===============================================
+"loss"     ``p - e_y``                cross-entropy of sample i with label y_i
+"prob"     ``p_y (e_y - p)``          softmax probability of class y_i
+"logit"    ``e_y``                    logit of class y_i
+=========  ========================  ===============================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = ["input_gradients", "normalize_per_sample", "seed"]
+
+WrtName = Literal["loss", "prob", "logit"]
+NormalizeName = Literal["l2", "zero_mean_l2"]
+_WRT = ("loss", "prob", "logit")
+_NORMALIZE = (None, "l2", "zero_mean_l2")
+
+# Batched VJPs over classes hold chunk * N copies of every activation gradient; the default
+# chunk keeps chunk * N * D (input elements) under this many elements.
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def seed(logits: Tensor, labels: Tensor, wrt: WrtName = "loss") -> Tensor:
+    """The vector ``dOut/dz`` that turns a VJP through the model into an input gradient.
+
+    Args:
+        logits: (N, K) float.
+        labels: (N,) int64 class indices in [0, K).
+        wrt: ``"loss"`` (cross-entropy, ``softmax(z) - onehot(y)``; native op),
+            ``"prob"`` (``p_y (onehot(y) - p)``) or ``"logit"`` (``onehot(y)``).
+
+    Returns:
+        (N, K) in ``logits``' dtype, differentiable w.r.t. ``logits`` (twice for "loss").
+    """
+    if wrt == "loss":
+        return ops.xent_seed(logits, labels)
+    onehot = torch.zeros_like(logits).scatter_(1, labels.view(-1, 1), 1.0)
+    if wrt == "logit":
+        return onehot
+    if wrt == "prob":
+        p = torch.softmax(logits, dim=1)
+        p_y = p.gather(1, labels.view(-1, 1))
+        return p_y * (onehot - p)
+    raise ValueError(f"wrt must be one of {_WRT}, got {wrt!r}")
+
+
+def _seeds_all(logits: Tensor, classes: Tensor, wrt: WrtName) -> Tensor:
+    """(C, N, K) seeds for the classes in ``classes`` (C,), every sample at once."""
+    n, k = logits.shape
+    c = classes.shape[0]
+    onehot = torch.zeros(c, 1, k, dtype=logits.dtype, device=logits.device)
+    onehot.scatter_(2, classes.view(c, 1, 1), 1.0)
+    if wrt == "logit":
+        return onehot.expand(c, n, k)
+    p = torch.softmax(logits, dim=1).unsqueeze(0)  # (1, N, K)
+    if wrt == "loss":
+        return p - onehot
+    p_c = p.squeeze(0).index_select(1, classes).t().unsqueeze(2)  # (C, N, 1)
+    return p_c * (onehot - p)
+
+
+def normalize_per_sample(g: Tensor, how: NormalizeName, batch_dims: int = 1,
+                         eps: float = 1e-12) -> Tensor:
+    """Normalise each sample's gradient over all its non-batch dimensions.
+
+    Args:
+        g: (*B, ...) gradients; the first ``batch_dims`` dims index samples.
+        how: ``"l2"``: ``g / ||g||_2``; ``"zero_mean_l2"``: subtract the sample's mean,
+            then divide by the L2 norm of the result (JARN's normalisation of the Jacobian).
+        eps: added to the norm, so an all-zero gradient stays zero.
+
+    Returns:
+        Same shape as ``g``; differentiable.
+    """
+    if how not in ("l2", "zero_mean_l2"):
+        raise ValueError(f"normalize must be one of {_NORMALIZE}, got {how!r}")
+    flat = g.reshape(*g.shape[:batch_dims], -1)
+    if how == "zero_mean_l2":
+        flat = flat - flat.mean(dim=-1, keepdim=True)
+    norm = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    return (flat / (norm + eps)).reshape(g.shape)
+
+
+def _check(model: Callable[[Tensor], Tensor], x: Tensor, labels: object, y: Tensor | None,
+           wrt: str, normalize: object) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, ...) with at least 2 dims, got {tuple(x.shape)}")
+    if not callable(model):
+        raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+    if wrt not in _WRT:
+        raise ValueError(f"wrt must be one of {_WRT}, got {wrt!r}")
+    if normalize not in _NORMALIZE:
+        raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
+    if isinstance(labels, str):
+        if labels not in ("true", "all"):
+            raise ValueError(f"labels must be 'true', 'all' or an (N,) label tensor, got "
+                             f"{labels!r}")
+        if labels == "true" and y is None:
+            raise ValueError("labels='true' needs y, the (N,) true labels")
+    elif not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be 'true', 'all' or an (N,) label tensor, got "
+                        f"{type(labels).__name__}")
+    if isinstance(model, nn.Module):
+        from .models import model_device_dtype
+
+        dev, dt = model_device_dtype(model)
+        if dev is not None and dev != x.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {dev}")
+        if dt is not None and dt != x.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters have {dt}")
+
+
+def _check_label_tensor(t: Tensor, name: str, n: int, k: int, device: torch.device) -> Tensor:
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must hold integer class labels, got {t.dtype}")
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match x, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    if n and (int(t.min()) < 0 or int(t.max()) >= k):
+        raise ValueError(f"{name} must hold labels in [0, {k}) for a model with {k} outputs, "
+                         f"got values in [{int(t.min())}, {int(t.max())}]")
+    return t.long()
+
+
+def input_gradients(
+    model: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    labels: Literal["true", "all"] | Tensor = "true",
+    wrt: WrtName = "loss",
+    normalize: NormalizeName | None = None,
+    create_graph: bool = False,
+    chunk_size: int | None = None,
+    return_logits: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-sample gradients of the model's loss, probability or logit w.r.t. its input.
+
+    The model runs once, in whatever mode it is in (the caller decides train or eval).
+    Gradients flow to ``x`` only: the model's parameters receive no ``.grad``.
+
+    Args:
+        model: maps (N, ...) inputs to (N, K) logits.
+        x: (N, ...) float inputs (pixel units for images). When ``x`` already requires
+            grad (e.g. it is the output of a differentiable resize), gradients are taken
+            through it as is; otherwise a detached leaf copy is used.
+        y: (N,) int64 true labels; needed for ``labels="true"``.
+        labels: ``"true"`` (use ``y``), an (N,) label tensor (e.g. attack targets), or
+            ``"all"`` for the gradient of every one of the K classes.
+        wrt: ``"loss"`` (per-sample cross-entropy), ``"prob"`` (softmax probability of the
+            label) or ``"logit"`` (the label's logit). See the module docstring for seeds.
+        normalize: ``None``, ``"l2"`` or ``"zero_mean_l2"``, per sample (and per class).
+        create_graph: keep the result differentiable w.r.t. the model's parameters (and
+            ``x``), for double backpropagation.
+        chunk_size: classes per batched VJP for ``labels="all"``; default bounds
+            ``chunk * N * x[0].numel()`` to 2**25 elements. 1 means one VJP per class
+            (still one forward pass).
+        return_logits: also return the (N, K) logits of the forward pass.
+
+    Returns:
+        (N, ...) gradients like ``x``, or (N, K, ...) for ``labels="all"``; with
+        ``return_logits`` a pair ``(gradients, logits)``. Detached unless ``create_graph``.
+    """
+    _check(model, x, labels, y, wrt, normalize)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    n = x.shape[0]
+    xin = x if x.requires_grad else x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(xin)
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"model must return (N, K) logits with N={n}, got {shape}")
+        k = logits.shape[1]
+        if isinstance(labels, Tensor) or labels == "true":
+            lab = labels if isinstance(labels, Tensor) else y
+            assert lab is not None
+            lab = _check_label_tensor(lab, "labels" if isinstance(labels, Tensor) else "y",
+                                      n, k, x.device)
+            s = seed(logits, lab, wrt)
+            (g,) = torch.autograd.grad(logits, xin, grad_outputs=s, create_graph=create_graph)
+            if normalize is not None:
+                g = normalize_per_sample(g, normalize, batch_dims=1)
+        else:
+            g = _all_labels(logits, xin, k, wrt, create_graph, chunk_size)
+            if normalize is not None:
+                g = normalize_per_sample(g, normalize, batch_dims=2)
+    if not create_graph:
+        g = g.detach()
+        logits = logits.detach()
+    return (g, logits) if return_logits else g
+
+
+def _all_labels(logits: Tensor, xin: Tensor, k: int, wrt: WrtName, create_graph: bool,
+                chunk_size: int | None) -> Tensor:
+    """(N, K, ...) gradients for every class from one forward pass."""
+    n = xin.shape[0]
+    d = max(1, xin[0].numel())
+    chunk = chunk_size or max(1, min(k, _CHUNK_ELEMENTS // max(1, n * d)))
+    chunk = min(chunk, k)
+    out: list[Tensor] = []
+    classes = torch.arange(k, device=logits.device)
+    for start in range(0, k, chunk):
+        cls = classes[start:start + chunk]
+        seeds = _seeds_all(logits, cls, wrt)  # (C, N, K)
+        last = start + chunk >= k
+        retain = create_graph or not last
+        if cls.numel() == 1:
+            (g,) = torch.autograd.grad(logits, xin, grad_outputs=seeds[0],
+                                       retain_graph=retain, create_graph=create_graph)
+            g = g.unsqueeze(0)
+        else:
+            (g,) = torch.autograd.grad(logits, xin, grad_outputs=seeds, retain_graph=retain,
+                                       create_graph=create_graph, is_grads_batched=True)
+        out.append(g)  # (C, N, ...)
+    return torch.cat(out, dim=0).transpose(0, 1)
