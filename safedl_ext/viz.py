@@ -274,8 +274,8 @@ class LossSurface:
     """Loss of each model over a grid around each image.
 
     Attributes:
-        adv: (S,) offsets ``a`` along the adversarial direction, pixel units.
-        rand: (S_r,) offsets ``b`` along the random direction, pixel units.
+        adv: (S,) float64 offsets ``a`` along the adversarial direction, pixel units.
+        rand: (S_r,) float64 offsets ``b`` along the random direction, pixel units.
         losses: name -> (N, S, S_r) per-sample cross-entropy (nats) at
             ``x + adv[i] * d_adv + rand[j] * d_rand``.
         clean_loss: name -> (N,) cross-entropy at ``x`` itself.
@@ -379,7 +379,7 @@ def loss_surface(
                 losses[name] = _grid_losses(model, x, y.long(), d, d_rand, a, b, clip,
                                             batch_size)
         d_adv[name] = d.cpu()
-    result = LossSurface(adv=a.float(), rand=b.float(), losses=losses, clean_loss=clean,
+    result = LossSurface(adv=a, rand=b, losses=losses, clean_loss=clean,
                          d_adv=d_adv, d_rand=d_rand.cpu())
     if path is not None:
         _draw_loss_surface(result, y, path, kind, panel_size, dpi, title)
@@ -448,8 +448,8 @@ class AccuracyCurves:
     """Robust accuracy against the attack radius.
 
     Attributes:
-        eps: (E,) radii in pixel units, increasing.
-        accuracy: model name -> attack name -> (E,) accuracy in percent.
+        eps: (E,) float64 radii in pixel units, increasing.
+        accuracy: model name -> attack name -> (E,) float64 accuracy in percent.
         clean: model name -> clean accuracy in percent (``accuracy[...][...][0]`` when
             ``eps[0] == 0``).
         n: number of evaluated samples.
@@ -587,15 +587,15 @@ def accuracy_vs_eps(
             logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, n, batch_size)])
         _attacks._check_label_range(logits, y)
         wrong = (logits.argmax(1) != y).cpu()
-        clean_acc[mname] = 100.0 * float((~wrong).float().mean())
+        clean_acc[mname] = 100.0 * float((~wrong).double().mean())
         curves[mname] = {}
         for aname, fn in runners.items():
             gen = torch.Generator().manual_seed(seed)
             fooled = _fooled_matrix(model, fn, x, y, eps_t, wrong, batch_size, gen)
             if cumulative:
                 fooled = fooled.to(torch.uint8).cummax(dim=0).values.bool()
-            curves[mname][aname] = 100.0 * (~fooled).float().mean(dim=1)
-    result = AccuracyCurves(eps=eps_t.float(), accuracy=curves, clean=clean_acc, n=n,
+            curves[mname][aname] = 100.0 * (~fooled).double().mean(dim=1)
+    result = AccuracyCurves(eps=eps_t, accuracy=curves, clean=clean_acc, n=n,
                             cumulative=cumulative, settings=settings)
     if path is not None:
         _draw_accuracy_curves(result, path, figsize, dpi, title, norm)
