@@ -343,6 +343,7 @@ def loss_surface(
         clip: clamp the grid points to [0, 1] (valid images). Default off: the surface of
             the model as a function, as the thesis draws it.
         kind: ``"surface"`` (3-D, as in the thesis) or ``"contour"`` (filled contours).
+            Each column (image) has one loss scale shared by all models.
         batch_size: grid points per forward pass.
         panel_size: inches per panel; the figure is ``panel_size * N`` by
             ``panel_size * len(models)`` inches, the PNG that times ``dpi`` pixels.
@@ -418,18 +419,22 @@ def _draw_loss_surface(res: LossSurface, y: Tensor, path: PathLike, kind: str, p
     else:
         fig.set_layout_engine("constrained")
     grid_a, grid_b = (t.numpy() for t in torch.meshgrid(res.adv, res.rand, indexing="ij"))
-    zmax = max(float(v.max()) for v in res.losses.values())
+    # One loss scale per image (column), shared by the models, so they compare at a glance.
+    zmax = [max(float(v[c].max()) for v in res.losses.values()) or 1.0 for c in range(n)]
     for r, name in enumerate(names):
         for c in range(n):
             z = res.losses[name][c].numpy()  # (S, S_r): rows adv, columns rand
             k = r * n + c + 1
             if kind == "surface":
                 ax = fig.add_subplot(len(names), n, k, projection="3d")
-                ax.plot_surface(grid_a, grid_b, z, cmap="viridis", vmin=0.0, vmax=zmax,
+                ax.plot_surface(grid_a, grid_b, z, cmap="viridis", vmin=0.0, vmax=zmax[c],
                                 linewidth=0, antialiased=True)
+                ax.set_zlim(0.0, zmax[c])
             else:
                 ax = fig.add_subplot(len(names), n, k)
-                cs = ax.contourf(grid_a, grid_b, z, levels=20, cmap="viridis")
+                levels = torch.linspace(0.0, zmax[c], 21).tolist()
+                cs = ax.contourf(grid_a, grid_b, z, levels=levels, cmap="viridis",
+                                 extend="max")
                 fig.colorbar(cs, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
             ax.tick_params(labelsize=6)
             ax.set_xlabel("ε adv (sign ∇x L)", fontsize=7)
