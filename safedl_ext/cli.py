@@ -130,20 +130,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 _ARCHS = ("digits-cnn", "small-cnn")
 
 
-def _viz_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Test images (N, C, H, W) in [0, 1], labels (N,) and the number of classes."""
+def _viz_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Test images (N, C, H, W) in [0, 1], labels (N,) and the class names."""
     if args.dataset == "digits":
         from .data import load_digits
 
         split = load_digits(seed=args.seed)
-        return split.x_test, split.y_test, len(split.classes)
+        return split.x_test, split.y_test, list(split.classes)
     if not args.data:
         raise ValueError(f"--data is required for --dataset {args.dataset}")
     if args.dataset == "cifar10":
-        from .data import load_cifar10_jpeg
+        from .data import CIFAR10_CLASSES, load_cifar10_jpeg
 
         x, y = load_cifar10_jpeg(args.data, per_class=args.per_class, seed=args.seed)
-        return x, y, 10
+        return x, y, list(CIFAR10_CLASSES)
     path = Path(args.data)
     if not path.exists():
         raise FileNotFoundError(f"--data file not found: {path}")
@@ -153,7 +153,7 @@ def _viz_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, int
         raise ValueError(f"--data {path} must hold a dict with tensors 'x' (N, C, H, W) in "
                          "[0, 1] and 'y' (N,) int64 labels")
     x, y = blob["x"].float(), blob["y"].long()
-    return x, y, int(y.max()) + 1 if y.numel() else 0
+    return x, y, [str(c) for c in range(int(y.max()) + 1 if y.numel() else 0)]
 
 
 def _load_model_file(spec: str, arch: str, width: int, in_channels: int,
@@ -196,12 +196,12 @@ def _cmd_viz(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    x, y, num_classes = _viz_data(args)
+    x, y, classes = _viz_data(args)
     models: dict[str, Any] = {}
     if args.model_file:
         arch = args.arch or ("digits-cnn" if args.dataset == "digits" else "small-cnn")
         for spec in args.model_file:
-            name, model = _load_model_file(spec, arch, args.width, x.shape[1], num_classes)
+            name, model = _load_model_file(spec, arch, args.width, x.shape[1], len(classes))
             if name in models:
                 raise ValueError(f"--model-file names must be unique, got {name!r} twice")
             models[name] = model
@@ -220,7 +220,8 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     if args.what == "gradients":
         png = out / "gradients.png"
         grads = viz.gradient_grid(models, x, y, png, wrt=args.wrt, scaling=args.scaling,
-                                  title=f"input gradients ({args.wrt}), {args.dataset}")
+                                  title=f"input gradients ({args.wrt}), {args.dataset}",
+                                  classes=classes)
         numbers: dict[str, Any] = {
             "wrt": args.wrt, "scaling": args.scaling, "labels": y.tolist(),
             "l2_norm": {k: g.flatten(1).norm(dim=1).tolist() for k, g in grads.items()},

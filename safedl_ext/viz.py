@@ -194,6 +194,7 @@ def gradient_grid(
     panel_size: float = 1.2,
     dpi: int = 100,
     title: str | None = None,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
     """Input gradients of several models, drawn as images side by side (thesis Fig. 3.4).
 
@@ -215,6 +216,7 @@ def gradient_grid(
             ``dpi`` pixels.
         dpi: pixels per inch of the PNG.
         title: figure title (drawn inside the top margin).
+        classes: class names, index = label, for the column titles (default the numbers).
 
     Returns:
         name -> (N, C, H, W) float gradients on the CPU, exactly those of
@@ -236,11 +238,13 @@ def gradient_grid(
             g = input_gradients(model, x, y, labels=labels, wrt=wrt, normalize=normalize)
         grads[name] = g.detach().cpu()  # type: ignore[union-attr]
     if path is not None:
-        _draw_gradient_grid(x, y, grads, path, scaling, panel_size, dpi, title)
+        names = [str(classes[int(c)]) if classes is not None else f"y={int(c)}" for c in y]
+        _draw_gradient_grid(x, names, grads, path, scaling, panel_size, dpi, title)
     return grads
 
 
-def _draw_gradient_grid(x: Tensor, y: Tensor, grads: Mapping[str, Tensor], path: PathLike,
+def _draw_gradient_grid(x: Tensor, col_titles: Sequence[str], grads: Mapping[str, Tensor],
+                        path: PathLike,
                         scaling: Scaling, panel: float, dpi: int, title: str | None) -> None:
     n, rows = x.shape[0], 1 + len(grads)
     label_w = 0.4
@@ -258,7 +262,7 @@ def _draw_gradient_grid(x: Tensor, y: Tensor, grads: Mapping[str, Tensor], path:
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(f"y={int(y[c])}", fontsize=8, pad=2)
+                ax.set_title(col_titles[c], fontsize=8, pad=2)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
     if title:
