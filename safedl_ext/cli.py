@@ -3,6 +3,9 @@
     safedl info                       which backend is in use, CUDA kernels, versions
     safedl evaluate --dataset digits  train (or load) a standard CNN and print its
                                       robustness table (Clean, FGSM, PGD-k)
+    safedl viz gradients|surface|eps  the thesis's pictures (input gradients, loss surface,
+                                      accuracy against eps) as PNG + JSON, for the default
+                                      digits CNN or any saved state_dict (--model-file)
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,15 +62,17 @@ def _cmd_info(_: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .attacks import default_attacks, evaluate
+def _standard_digits_model(args: argparse.Namespace, out: Path) -> tuple[Any, Any, float]:
+    """The standard DigitsCNN that ``evaluate`` and ``viz`` share: loaded from
+    ``--checkpoint`` (default ``OUT/model.pt``) when present, else trained and saved there.
+
+    Returns:
+        (model in eval mode, the digits :class:`~safedl_ext.data.TensorSplit`, training seconds).
+    """
     from .data import load_digits
     from .models import DigitsCNN
-    from .report import markdown_table, write_json_atomic, write_text_atomic
-    from .training import accuracy, train_classifier
+    from .training import train_classifier
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     data = load_digits(seed=args.seed)
     model = DigitsCNN(width=args.width)
@@ -74,15 +80,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if ckpt.exists() and not args.retrain:
         model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
         print(f"loaded {ckpt}", file=sys.stderr)
-        train_s = 0.0
-    else:
-        t0 = time.perf_counter()
-        train_classifier(model, data.x_train, data.y_train, epochs=args.epochs, lr=args.lr,
-                         seed=args.seed, progress=not args.no_progress)
-        train_s = time.perf_counter() - t0
-        tmp = ckpt.with_suffix(".pt.tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(ckpt)  # atomic: an interrupted save never leaves a broken checkpoint
+        return model.eval(), data, 0.0
+    t0 = time.perf_counter()
+    train_classifier(model, data.x_train, data.y_train, epochs=args.epochs, lr=args.lr,
+                     seed=args.seed, progress=not args.no_progress)
+    train_s = time.perf_counter() - t0
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_suffix(".pt.tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(ckpt)  # atomic: an interrupted save never leaves a broken checkpoint
+    return model.eval(), data, train_s
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .attacks import default_attacks, evaluate
+    from .report import markdown_table, write_json_atomic, write_text_atomic
+    from .training import accuracy
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, data, train_s = _standard_digits_model(args, out)
     clean = accuracy(model, data.x_test, data.y_test)
     print(f"standard DigitsCNN: clean test accuracy {100 * clean:.2f}% "
           f"(trained {train_s:.1f} s)", file=sys.stderr)
@@ -108,6 +125,178 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ viz
+
+_ARCHS = ("digits-cnn", "small-cnn")
+
+
+def _viz_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Test images (N, C, H, W) in [0, 1], labels (N,) and the class names."""
+    if args.dataset == "digits":
+        from .data import load_digits
+
+        split = load_digits(seed=args.seed)
+        return split.x_test, split.y_test, list(split.classes)
+    if not args.data:
+        raise ValueError(f"--data is required for --dataset {args.dataset}")
+    if args.dataset == "cifar10":
+        from .data import CIFAR10_CLASSES, load_cifar10_jpeg
+
+        x, y = load_cifar10_jpeg(args.data, per_class=args.per_class, seed=args.seed)
+        return x, y, list(CIFAR10_CLASSES)
+    path = Path(args.data)
+    if not path.exists():
+        raise FileNotFoundError(f"--data file not found: {path}")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(blob, dict) and isinstance(blob.get("x"), torch.Tensor)
+            and isinstance(blob.get("y"), torch.Tensor)):
+        raise ValueError(f"--data {path} must hold a dict with tensors 'x' (N, C, H, W) in "
+                         "[0, 1] and 'y' (N,) int64 labels")
+    x, y = blob["x"].float(), blob["y"].long()
+    return x, y, [str(c) for c in range(int(y.max()) + 1 if y.numel() else 0)]
+
+
+def _load_model_file(spec: str, arch: str, width: int, in_channels: int,
+                     num_classes: int) -> tuple[str, torch.nn.Module]:
+    """``[NAME=]PATH`` of a state_dict (loaded with ``weights_only=True``) -> (name, model).
+
+    A state_dict of a :class:`~safedl_ext.models.Normalized` network (keys ``mean``, ``std``
+    and ``model.*``) is rebuilt wrapped in ``Normalized``."""
+    from .models import DigitsCNN, Normalized, SmallCNN
+
+    name, sep, file = spec.partition("=")
+    if not sep:
+        name, file = Path(spec).stem, spec
+    path = Path(file)
+    if not path.exists():
+        raise FileNotFoundError(f"--model-file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"--model-file {path} must hold a state_dict, got "
+                         f"{type(state).__name__}")
+    if arch == "digits-cnn":
+        net: torch.nn.Module = DigitsCNN(width=width, num_classes=num_classes)
+    else:
+        net = SmallCNN(in_channels=in_channels, num_classes=num_classes, width=width)
+    if "mean" in state and "std" in state and all(
+            k in ("mean", "std") or k.startswith("model.") for k in state):
+        c = state["mean"].numel()
+        net = Normalized(net, [0.0] * c, [1.0] * c)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"--model-file {path} does not fit --arch {arch} --width {width} "
+                         f"(num_classes {num_classes}): {exc}") from exc
+    return name, net.eval()
+
+
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from . import viz
+    from .report import machine_info, write_json_atomic
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    x, y, classes = _viz_data(args)
+    models: dict[str, Any] = {}
+    if args.model_file:
+        arch = args.arch or ("digits-cnn" if args.dataset == "digits" else "small-cnn")
+        for spec in args.model_file:
+            name, model = _load_model_file(spec, arch, args.width, x.shape[1], len(classes))
+            if name in models:
+                raise ValueError(f"--model-file names must be unique, got {name!r} twice")
+            models[name] = model
+    elif args.dataset == "digits":
+        models["standard"] = _standard_digits_model(args, out)[0]
+    else:
+        raise ValueError(f"--model-file is required for --dataset {args.dataset} (only "
+                         "digits trains a default model)")
+    n = args.n if args.n is not None else {"gradients": 8, "surface": 3, "eps": x.shape[0]}[
+        args.what]
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    x, y = x[:n], y[:n]
+    meta = {"dataset": args.dataset, "n": int(x.shape[0]), "seed": args.seed,
+            "models": list(models), "machine": dict(machine_info())}
+    if args.what == "gradients":
+        png = out / "gradients.png"
+        grads = viz.gradient_grid(models, x, y, png, wrt=args.wrt, scaling=args.scaling,
+                                  title=f"input gradients ({args.wrt}), {args.dataset}",
+                                  classes=classes)
+        numbers: dict[str, Any] = {
+            "wrt": args.wrt, "scaling": args.scaling, "labels": y.tolist(),
+            "l2_norm": {k: g.flatten(1).norm(dim=1).tolist() for k, g in grads.items()},
+            "gradients": {k: g.tolist() for k, g in grads.items()}}
+    elif args.what == "surface":
+        png = out / "surface.png"
+        surf = viz.loss_surface(models, x, y, png, eps=args.eps, steps=args.grid_steps,
+                                kind=args.kind, clip=args.clip,
+                                generator=torch.Generator().manual_seed(args.seed))
+        numbers = {"eps": args.eps, "steps": args.grid_steps, "clip": args.clip,
+                   "labels": y.tolist(), **surf.to_dict()}
+    else:
+        png = out / "accuracy_vs_eps.png"
+        curves = viz.accuracy_vs_eps(models, x, y, png, eps_values=args.eps_values,
+                                     attacks=args.attacks, pgd_steps=args.pgd_steps,
+                                     seed=args.seed, title=f"{args.dataset}, n={x.shape[0]}")
+        numbers = curves.to_dict()
+    stem = png.with_suffix(".json")
+    write_json_atomic(stem, {"figure": png.name, **meta, **numbers})
+    print(f"wrote {png} and {stem}", file=sys.stderr)
+    return 0
+
+
+def _add_standard_model_args(p: argparse.ArgumentParser) -> None:
+    """Options of the standard digits CNN that ``evaluate`` and ``viz`` train or load."""
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", help="state_dict to load (default OUT/model.pt if present)")
+    p.add_argument("--retrain", action="store_true", help="train even if a checkpoint exists")
+
+
+def _add_viz_parser(sub: Any) -> None:
+    vz = sub.add_parser("viz", help="the thesis's pictures as PNG + JSON",
+                        description="gradients: input gradients of each model side by side; "
+                        "surface: loss along the adversarial and a random direction; eps: "
+                        "accuracy against eps for FGSM and PGD.")
+    vz.add_argument("what", choices=["gradients", "surface", "eps"])
+    vz.add_argument("--dataset", choices=["digits", "cifar10", "tensors"], default="digits",
+                    help="digits (built in), cifar10 (--data: a JPEG test archive) or tensors "
+                    "(--data: a torch.save'd dict {'x': (N,C,H,W) in [0,1], 'y': (N,)})")
+    vz.add_argument("--data", help="data file for --dataset cifar10 or tensors")
+    vz.add_argument("--per-class", type=int, default=10,
+                    help="cifar10: images per class to read")
+    vz.add_argument("--model-file", action="append", metavar="[NAME=]PATH",
+                    help="state_dict to load (weights_only); repeat for several models. "
+                    "Default (digits): the standard CNN of OUT/model.pt, trained if absent")
+    vz.add_argument("--arch", choices=_ARCHS,
+                    help="architecture of --model-file (default digits-cnn for digits, "
+                    "small-cnn otherwise)")
+    vz.add_argument("--n", type=int, help="images to use (default 8 gradients, 3 surface, "
+                    "all for eps)")
+    vz.add_argument("--wrt", choices=["loss", "prob", "logit"], default="loss",
+                    help="gradients: of what")
+    vz.add_argument("--scaling", choices=["symmetric", "minmax", "abs"], default="symmetric",
+                    help="gradients: per-image display scaling")
+    vz.add_argument("--eps", type=eval_fraction, default=0.25,
+                    help="surface: half-width of the grid (pixel units)")
+    vz.add_argument("--grid-steps", type=int, default=21, help="surface: points per axis")
+    vz.add_argument("--kind", choices=["surface", "contour"], default="surface")
+    vz.add_argument("--clip", action="store_true", help="surface: keep grid points in [0, 1]")
+    vz.add_argument("--eps-values", type=_floats,
+                    default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3],
+                    help="eps: comma-separated increasing radii, e.g. 0,2/255,4/255,8/255")
+    vz.add_argument("--attacks", type=lambda t: [a.strip() for a in t.split(",") if a.strip()],
+                    default=["fgsm", "pgd"], help="eps: comma-separated, from fgsm,pgd")
+    vz.add_argument("--pgd-steps", type=int, default=10, help="eps: PGD iterations")
+    _add_standard_model_args(vz)
+    vz.add_argument("--out", default="runs/digits", help="folder for the PNG and JSON "
+                    "(and model.pt of the default model)")
+    vz.add_argument("--no-progress", action="store_true")
+    vz.set_defaults(fn=_cmd_viz)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safedl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,15 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eps", type=_floats, default=[0.05, 0.1, 0.2],
                     help="comma-separated L-inf radii in [0, 1] pixel units, e.g. 0.1,8/255")
     ev.add_argument("--steps", type=_ints, default=[5, 10, 20], help="PGD step counts")
-    ev.add_argument("--epochs", type=int, default=15)
-    ev.add_argument("--lr", type=float, default=2e-3)
-    ev.add_argument("--width", type=int, default=32)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--checkpoint", help="state_dict to load (default OUT/model.pt if present)")
-    ev.add_argument("--retrain", action="store_true", help="train even if a checkpoint exists")
+    _add_standard_model_args(ev)
     ev.add_argument("--out", default="runs/digits", help="folder for model.pt and reports")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(fn=_cmd_evaluate)
+    _add_viz_parser(sub)
     return p
 
 
@@ -135,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"safedl: error: {exc}", file=sys.stderr)
         return 2
 
