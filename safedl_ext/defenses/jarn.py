@@ -250,7 +250,8 @@ class JARN(Method):
         self._fake, self._real = fake.detach(), real
         fooled = float((d_fake > 0).float().mean())
         return ce + cfg.lambda_adv * adv, logits, {
-            "jarn": 1.0, "ce": float(ce.detach()), "adv": float(adv.detach()), "disc_fooled": fooled}
+            "jarn": 1.0, "ce": float(ce.detach()), "adv": float(adv.detach()),
+            "disc_fooled": fooled}
 
     def after_step(self, model, ctx):
         if self._fake is None or self._real is None:
@@ -269,4 +270,4 @@ class JARN(Method):
         self.disc_opt.step()
         self.disc_updates += 1
         acc = float(((logits > 0).to(target.dtype) == target).float().mean())
-        return {"disc_loss": float(d_loss), "disc_acc": acc}
+        return {"disc_loss": float(d_loss.detach()), "disc_acc": acc}

@@ -1,0 +1,140 @@
+"""The trainer: seeded, resumable after an interruption, atomic outputs, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from safedl_ext.defenses import (
+    JARN,
+    JARNConfig,
+    Standard,
+    TrainConfig,
+    fit,
+    load_checkpoint,
+    make_method,
+)
+from safedl_ext.defenses.trainer import _lr_factor
+from safedl_ext.models import DigitsCNN
+
+CFG = TrainConfig(epochs=3, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0,
+                  schedule="cosine", log_every=5)
+
+
+def _model(seed: int = 0) -> DigitsCNN:
+    torch.manual_seed(seed)
+    return DigitsCNN(width=8)
+
+
+def _weights(m: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in m.state_dict().values()]
+
+
+def test_standard_training_learns_digits(digits):
+    res = fit(_model(), Standard(), (digits.x_train, digits.y_train), config=CFG,
+              test=(digits.x_test, digits.y_test), progress=False)
+    assert res.test_accuracy is not None and res.test_accuracy > 0.85
+    assert res.steps == 3 * (len(digits.y_train) // 64)
+    assert not res.model.training
+    assert [h["epoch"] for h in res.history if "test_acc" in h] == [1.0, 2.0, 3.0]
+
+
+def test_same_seed_same_weights_other_seed_differs(digits):
+    data = (digits.x_train, digits.y_train)
+    cfg1 = TrainConfig(**{**CFG.__dict__, "epochs": 1})
+    a = fit(_model(), make_method("uniform", eps=0.1), data, config=cfg1, progress=False)
+    b = fit(_model(), make_method("uniform", eps=0.1), data, config=cfg1, progress=False)
+    c = fit(_model(), make_method("uniform", eps=0.1), data,
+            config=TrainConfig(**{**cfg1.__dict__, "seed": 1}), progress=False)
+    for p, q in zip(_weights(a.model), _weights(b.model), strict=True):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, q)
+               for p, q in zip(_weights(a.model), _weights(c.model), strict=True))
+
+
+@pytest.mark.parametrize("method", ["uniform", "jarn"])
+def test_interrupted_run_resumes_to_the_same_weights(digits, tmp_path, method):
+    """A run stopped mid-epoch and resumed from its checkpoint ends exactly where an
+    uninterrupted run ends (shuffles, noise, optimiser, schedule, JARN's discriminator)."""
+    data = (digits.x_train, digits.y_train)
+    kw = dict(jarn_fraction=0.5, disc_every=2, disc_layers=2, disc_width=8) \
+        if method == "jarn" else {}
+    full = fit(_model(), make_method(method, eps=0.1, **kw), data, config=CFG, progress=False)
+    out = tmp_path / "run"
+    part = fit(_model(), make_method(method, eps=0.1, **kw), data, config=CFG, out_dir=out,
+               progress=False, max_steps=27)  # 27 is mid-epoch (20 batches per epoch)
+    assert part.steps == 27 and (out / "checkpoint.pt").exists()
+    assert not (out / "model.pt").exists()  # not finished
+    done = fit(_model(seed=5), make_method(method, eps=0.1, **kw), data, config=CFG,
+               out_dir=out, progress=False)
+    assert done.resumed_from == 27 and done.steps == full.steps
+    for p, q in zip(_weights(full.model), _weights(done.model), strict=True):
+        assert torch.equal(p, q)
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [rec["step"] for rec in lines]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+    assert (out / "model.pt").exists() and (out / "train.json").exists()
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert set(state) == set(full.model.state_dict())
+
+
+def test_resume_refuses_other_settings(digits, tmp_path):
+    data = (digits.x_train, digits.y_train)
+    fit(_model(), Standard(), data, config=CFG, out_dir=tmp_path, progress=False, max_steps=3)
+    other = TrainConfig(**{**CFG.__dict__, "lr": 1e-3})
+    with pytest.raises(ValueError, match="different settings"):
+        fit(_model(), Standard(), data, config=other, out_dir=tmp_path, progress=False)
+    # resume=False starts afresh
+    res = fit(_model(), Standard(), data, config=other, out_dir=tmp_path, progress=False,
+              resume=False, max_steps=2)
+    assert res.resumed_from is None
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+
+
+def test_dataloader_input(digits):
+    ds = torch.utils.data.TensorDataset(digits.x_train, digits.y_train)
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    res = fit(_model(), Standard(), loader, config=CFG, test=(digits.x_test, digits.y_test),
+              progress=False)
+    assert res.steps == 3 * len(loader) and res.test_accuracy > 0.8
+
+
+def test_schedules():
+    step = _lr_factor(TrainConfig(schedule="step", milestones=(0.5, 0.75), gamma=0.1), 100)
+    assert [step(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    cos = _lr_factor(TrainConfig(schedule="cosine", warmup_steps=10), 110)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=0), "epochs"), (dict(lr=-1.0), "lr"), (dict(optimizer="lbfgs"), "optimizer"),
+    (dict(schedule="poly"), "schedule"), (dict(milestones=(1.5,)), "milestones"),
+    (dict(amp="int8"), "amp"), (dict(batch_size=0), "batch_size"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_fit_errors(digits):
+    data = (digits.x_train, digits.y_train)
+    with pytest.raises(TypeError, match="Method"):
+        fit(_model(), "standard", data, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="same length"):
+        fit(_model(), Standard(), (digits.x_train, digits.y_train[:-1]), progress=False)
+    with pytest.raises(ValueError, match="CUDA only"):
+        fit(_model(), Standard(), data, config=TrainConfig(amp="bf16"), progress=False)
+    with pytest.raises(ValueError, match="exceeds"):
+        fit(_model(), Standard(), (digits.x_train[:10], digits.y_train[:10]),
+            config=TrainConfig(batch_size=64), progress=False)
+    with pytest.raises(TypeError, match="labels"):
+        fit(_model(), Standard(), (digits.x_train, digits.y_train.float()), progress=False)
+    with pytest.raises(ValueError, match="jarn_fraction"):
+        JARN(JARNConfig(jarn_fraction=0.0))
+    with pytest.raises(ValueError, match="method must be one of"):
+        make_method("adversarial")
