@@ -43,6 +43,15 @@ TARGETS = [
      "native", "baseline-svd", 10.0),
     ("streamed SVD (gram) vs torch.svd_lowrank(q=6, niter=4)", "svd-cifar", "native",
      "baseline-lowrank", 1.0),
+    # ratio = baseline / JARN: >= 0.4 means a JARN step costs <= 2.5 standard steps
+    ("JARN step vs standard step, thesis MNIST CNN (JARN <= 2.5x)",
+     "train-step-mnistcnn-b64", "native", "baseline-standard", 0.4),
+    ("JARN step vs PGD-AT7 step, thesis MNIST CNN (JARN <= 0.4x)",
+     "train-step-mnistcnn-b64", "native", "baseline-pgdat7", 2.5),
+    ("JARN step vs standard step, ResNet-18 CIFAR (JARN <= 2.5x)",
+     "train-step-resnet18-b64", "native", "baseline-standard", 0.4),
+    ("JARN step vs PGD-AT7 step, ResNet-18 CIFAR (JARN <= 0.4x)",
+     "train-step-resnet18-b64", "native", "baseline-pgdat7", 2.5),
 ]
 # Quality each target's native side must also reach: (group, native role) -> {key: min}.
 QUALITY = {

@@ -56,3 +56,32 @@ def test_example_tour_runs(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "| standard CNN |" in out.stdout and "transfer surrogate -> target" in out.stdout
     assert (tmp_path / "white_box.json").exists() and (tmp_path / "transfer.json").exists()
+
+
+def test_train_pgd_at_on_digits_writes_run_and_resumes(tmp_path, capsys):
+    """`safedl train` trains, writes the run folder and a robustness table; the same command
+    again resumes from the finished checkpoint instead of training anew."""
+    args = ["train", "--method", "pgd-at", "--dataset", "digits", "--epochs", "4",
+            "--pgd-steps", "3", "--attacks", "fgsm,pgd10", "--out", str(tmp_path),
+            "--no-progress"]
+    assert main(args) == 0
+    assert "| method | Clean | FGSM | PGD10 |" in capsys.readouterr().out
+    for name in ("model.pt", "checkpoint.pt", "metrics.jsonl", "train.json", "model.json",
+                 "robustness.json", "robustness.md"):
+        assert (tmp_path / name).exists(), name
+    rep = json.loads((tmp_path / "robustness.json").read_text())
+    assert rep["method"]["method"] == "pgd-at" and rep["eps"] == 0.1
+    assert rep["accuracy"]["Clean"] > 80 and rep["accuracy"]["PGD10"] > 30
+    spec = json.loads((tmp_path / "model.json").read_text())
+    assert spec["arch"] == "digits-cnn" and spec["num_classes"] == 10
+    assert main(args) == 0
+    assert json.loads((tmp_path / "train.json").read_text())["resumed_from"] == \
+        json.loads((tmp_path / "train.json").read_text())["steps"]
+
+
+def test_train_bad_arguments(tmp_path, capsys):
+    base = ["train", "--dataset", "digits", "--out", str(tmp_path), "--no-progress"]
+    assert main([*base, "--method", "jarn", "--jarn-fraction", "0"]) == 2
+    assert "jarn_fraction" in capsys.readouterr().err
+    assert main([*base, "--method", "standard", "--epochs", "1", "--attacks", "cw"]) == 2
+    assert "--attacks" in capsys.readouterr().err
