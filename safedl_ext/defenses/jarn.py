@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..gradients import input_gradients
+from ..gradients import input_gradients, normalize_per_sample
 from .methods import Method, StepContext, craft_linf, uniform_noise
 
 __all__ = ["JARN", "Adaptor", "Discriminator", "JARNConfig"]
@@ -51,9 +51,13 @@ class JARNConfig:
         disc_lr: Adam learning rate of D (authors' code: 1e-3).
         wrt: ``"loss"`` (thesis) or ``"prob"`` (authors' code) Jacobian.
         normalize: ``"zero_mean_l2"`` (thesis/authors) or ``"l2"``.
-        real_images: how real images are shown to D: ``"signed"`` maps [0, 1] to
-            [-1, 1], the adaptor's tanh range; ``"standardize"`` is per-image
-            standardisation (the authors' code feeds D the classifier's standardised input).
+        real_images: how real images are shown to D: ``"normalized"`` gives them the
+            Jacobian's own per-sample normalisation (``normalize``), so real and adapted
+            gradients share one scale (the authors' code feeds D zero-mean, unit-L2 images);
+            ``"signed"`` maps [0, 1] to [-1, 1]; ``"standardize"`` is per-image
+            standardisation (zero mean, unit standard deviation). With ``"signed"`` or
+            ``"standardize"`` the adaptor must first learn to scale unit-norm gradients up
+            by ~sqrt(D), which a few hundred steps do not achieve.
         gan_loss: ``"minimax"`` (f minimises ``log(1 - D(A(J)))``, as in the thesis) or
             ``"non_saturating"`` (f maximises ``log D(A(J))``).
         adversarial: ``None`` (JARN) or ``"fgsm"`` (JARN-AT1).
@@ -68,7 +72,7 @@ class JARNConfig:
     disc_lr: float = 1e-3
     wrt: Literal["loss", "prob"] = "loss"
     normalize: Literal["zero_mean_l2", "l2"] = "zero_mean_l2"
-    real_images: Literal["signed", "standardize"] = "signed"
+    real_images: Literal["normalized", "signed", "standardize"] = "normalized"
     gan_loss: Literal["minimax", "non_saturating"] = "minimax"
     adversarial: Literal["fgsm"] | None = None
 
@@ -91,8 +95,9 @@ class JARNConfig:
         need(self.wrt in ("loss", "prob"), f"wrt must be 'loss' or 'prob', got {self.wrt!r}")
         need(self.normalize in ("zero_mean_l2", "l2"),
              f"normalize must be 'zero_mean_l2' or 'l2', got {self.normalize!r}")
-        need(self.real_images in ("signed", "standardize"),
-             f"real_images must be 'signed' or 'standardize', got {self.real_images!r}")
+        need(self.real_images in ("normalized", "signed", "standardize"),
+             "real_images must be 'normalized', 'signed' or 'standardize', got "
+             f"{self.real_images!r}")
         need(self.gan_loss in ("minimax", "non_saturating"),
              f"gan_loss must be 'minimax' or 'non_saturating', got {self.gan_loss!r}")
         need(self.adversarial in (None, "fgsm"),
@@ -145,7 +150,9 @@ class Discriminator(nn.Module):
         return self.head(h.mean(dim=(2, 3))).squeeze(1)
 
 
-def _real_view(x: Tensor, how: str) -> Tensor:
+def _real_view(x: Tensor, how: str, normalize: str) -> Tensor:
+    if how == "normalized":
+        return normalize_per_sample(x, normalize)  # type: ignore[arg-type]
     if how == "signed":
         return x * 2 - 1
     flat = x.flatten(1)
@@ -232,7 +239,7 @@ class JARN(Method):
                                     create_graph=True, return_logits=True)
         ce = F.cross_entropy(logits, y)
         fake = self.adaptor(g)
-        real = _real_view(xin.detach(), cfg.real_images)
+        real = _real_view(xin.detach(), cfg.real_images, cfg.normalize)
         for p in self.disc.parameters():
             p.requires_grad_(False)
         try:

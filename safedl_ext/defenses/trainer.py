@@ -401,6 +401,7 @@ def fit(
     stop_at = total if max_steps is None else min(total, max_steps)
     train_seconds = 0.0
     acc_sum: dict[str, float] = {}
+    acc_cnt: dict[str, int] = {}
     acc_n = 0
     t_log = time.perf_counter()
     bar = tqdm(total=stop_at, initial=step, desc=f"train {method.name}", disable=not progress,
@@ -439,17 +440,18 @@ def fit(
                 bar.update(1)
                 vals = {"loss": float(loss.detach()),
                         "acc": float((logits.detach().argmax(1) == yb).float().mean()), **logs}
-                for k, v in vals.items():
+                for k, v in vals.items():  # per key: some appear only on some steps
                     acc_sum[k] = acc_sum.get(k, 0.0) + float(v)
+                    acc_cnt[k] = acc_cnt.get(k, 0) + 1
                 acc_n += 1
                 if step % cfg.log_every == 0 or step == stop_at or step % per_epoch == 0:
                     now = time.perf_counter()
                     rec = {"step": step, "epoch": epoch + (step - epoch * per_epoch) / per_epoch,
                            "lr": opt.param_groups[0]["lr"],
-                           **{k: v / acc_n for k, v in acc_sum.items()},
+                           **{k: v / acc_cnt[k] for k, v in acc_sum.items()},
                            "seconds_per_step": (now - t_log) / acc_n}
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}")
-                    acc_sum, acc_n, t_log = {}, 0, now
+                    acc_sum, acc_cnt, acc_n, t_log = {}, {}, 0, now
                     if step % per_epoch == 0 and test is not None:
                         test_acc = _accuracy(model, test, device, dtype)
                         rec["test_acc"] = test_acc
