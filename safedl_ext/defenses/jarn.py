@@ -105,11 +105,19 @@ class JARNConfig:
 
 
 class Adaptor(nn.Module):
-    """``tanh(conv1x1(J))``: maps an input gradient (N, C, H, W) into image space."""
+    """``tanh(conv1x1(J))``: maps an input gradient (N, C, H, W) into image space.
+
+    Starts as ``tanh(J)`` (identity weights, zero bias): a default-initialised bias shifts
+    every pixel by up to tanh(1), an offset a discriminator spots at once while the
+    normalised real images have zero mean, and the adaptor needs hundreds of steps to undo.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
+            self.conv.bias.zero_()
 
     def forward(self, j: Tensor) -> Tensor:
         """j: (N, C, H, W) -> (N, C, H, W) in (-1, 1)."""
