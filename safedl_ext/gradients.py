@@ -5,9 +5,20 @@ of a classifier's loss (or probability, or logit) with respect to its *input*, p
 :func:`input_gradients` computes it with one forward pass and vector-Jacobian products:
 
 - ``labels="true"`` (or a label tensor): one VJP, seed chosen by ``wrt``;
-- ``labels="all"``: the gradient for every class, from the same forward pass, with the K
-  seeds pushed through the backward graph as one batched VJP (``is_grads_batched``),
-  chunked over classes to bound memory — not K forward+backward passes.
+- ``labels="all"``: the gradient for every class from the same forward pass, with K
+  VJPs through the one backward graph — not K forward+backward passes. ``chunk_size``
+  says how many classes' seeds go through the backward together: 1 runs one VJP per
+  class (``retain_graph``), C > 1 one batched VJP (``is_grads_batched``, vmap over the
+  backward) per C classes, which holds C copies of every activation gradient at once.
+
+Which is faster depends on the device. On the CPU the loop of single VJPs wins and is the
+default: on a 2-core machine (SmallCNN, 128x3x32x32, K = 10) one batched VJP of all ten
+classes took ~1.4x the loop's time and chunks of 2 or 5 were no better, because the
+batched backward has no efficient rule for some ops (``max_pool2d_with_indices_backward``
+falls back to a per-sample loop and a ``cat``, ``threshold_backward`` materialises the
+broadcast mask) and runs convolutions on a K-times larger working set. On CUDA the default
+is batched, in chunks that keep ``chunk * N * x[0].numel()`` under 2**25 elements: larger
+batches are what a GPU needs, at the price of memory (``bench/gpu_bench.py`` races both).
 
 With ``create_graph=True`` the result stays in the autograd graph, so a loss built from
 it (an adversarial loss on the gradient, an L2 matching term, ``||dL/dx||^2``) can be
@@ -34,7 +45,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["input_gradients", "normalize_per_sample", "seed"]
+__all__ = ["default_chunk_size", "input_gradients", "normalize_per_sample", "seed"]
 
 WrtName = Literal["loss", "prob", "logit"]
 NormalizeName = Literal["l2", "zero_mean_l2"]
@@ -42,8 +53,22 @@ _WRT = ("loss", "prob", "logit")
 _NORMALIZE = (None, "l2", "zero_mean_l2")
 
 # Batched VJPs over classes hold chunk * N copies of every activation gradient; the default
-# chunk keeps chunk * N * D (input elements) under this many elements.
+# chunk on CUDA keeps chunk * N * D (input elements) under this many elements.
 _CHUNK_ELEMENTS = 1 << 25
+
+
+def default_chunk_size(device: torch.device, n: int, d: int, k: int) -> int:
+    """Classes per VJP that :func:`input_gradients` uses for ``labels="all"`` when
+    ``chunk_size`` is not given: 1 (a loop of VJPs) on the CPU, where it is the fastest;
+    elsewhere as many of the K classes as keep ``chunk * n * d`` under 2**25 elements.
+
+    Args:
+        device: the device of the input.
+        n: batch size. d: elements per sample. k: number of classes.
+    """
+    if device.type == "cpu":
+        return 1
+    return max(1, min(k, _CHUNK_ELEMENTS // max(1, n * d)))
 
 
 def seed(logits: Tensor, labels: Tensor, wrt: WrtName = "loss") -> Tensor:
@@ -183,9 +208,12 @@ def input_gradients(
         normalize: ``None``, ``"l2"`` or ``"zero_mean_l2"``, per sample (and per class).
         create_graph: keep the result differentiable w.r.t. the model's parameters (and
             ``x``), for double backpropagation.
-        chunk_size: classes per batched VJP for ``labels="all"``; default bounds
-            ``chunk * N * x[0].numel()`` to 2**25 elements. 1 means one VJP per class
-            (still one forward pass).
+        chunk_size: for ``labels="all"``, how many classes' seeds go through the backward
+            graph together: 1 is one VJP per class (a loop, the least memory), C > 1 one
+            batched VJP (``is_grads_batched``) per C classes, which holds C copies of every
+            activation gradient. Default: :func:`default_chunk_size` (1 on the CPU, where it
+            is fastest; memory-bounded batches elsewhere). The forward pass runs once
+            whatever the value.
         return_logits: also return the (N, K) logits of the forward pass.
 
     Returns:
@@ -227,22 +255,28 @@ def _all_labels(logits: Tensor, xin: Tensor, k: int, wrt: WrtName, create_graph:
                 chunk_size: int | None) -> Tensor:
     """(N, K, ...) gradients for every class from one forward pass."""
     n = xin.shape[0]
-    d = max(1, xin[0].numel())
-    chunk = chunk_size or max(1, min(k, _CHUNK_ELEMENTS // max(1, n * d)))
-    chunk = min(chunk, k)
-    out: list[Tensor] = []
-    classes = torch.arange(k, device=logits.device)
+    d = max(1, xin[0].numel()) if n else 1
+    chunk = min(k, chunk_size or default_chunk_size(xin.device, n, d, k))
+    # Without a graph to keep, each chunk is copied into the result as it comes, so only
+    # one chunk's gradients exist beside it.
+    out = None if create_graph else xin.new_empty((n, k, *xin.shape[1:]))
+    parts: list[Tensor] = []
     for start in range(0, k, chunk):
-        cls = classes[start:start + chunk]
-        seeds = _seeds_all(logits, cls, wrt)  # (C, N, K)
-        last = start + chunk >= k
-        retain = create_graph or not last
-        if cls.numel() == 1:
-            (g,) = torch.autograd.grad(logits, xin, grad_outputs=seeds[0],
+        stop = min(k, start + chunk)
+        retain = create_graph or stop < k
+        if stop - start == 1:
+            labels = torch.full((n,), start, dtype=torch.int64, device=logits.device)
+            (g,) = torch.autograd.grad(logits, xin, grad_outputs=seed(logits, labels, wrt),
                                        retain_graph=retain, create_graph=create_graph)
-            g = g.unsqueeze(0)
+            g = g.unsqueeze(1)
         else:
-            (g,) = torch.autograd.grad(logits, xin, grad_outputs=seeds, retain_graph=retain,
-                                       create_graph=create_graph, is_grads_batched=True)
-        out.append(g)  # (C, N, ...)
-    return torch.cat(out, dim=0).transpose(0, 1)
+            classes = torch.arange(start, stop, device=logits.device)
+            (g,) = torch.autograd.grad(logits, xin, grad_outputs=_seeds_all(logits, classes, wrt),
+                                       retain_graph=retain, create_graph=create_graph,
+                                       is_grads_batched=True)
+            g = g.transpose(0, 1)  # (C, N, ...) -> (N, C, ...)
+        if out is None:
+            parts.append(g)
+        else:
+            out[:, start:stop].copy_(g)
+    return out if out is not None else torch.cat(parts, dim=1)
