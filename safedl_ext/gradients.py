@@ -7,18 +7,20 @@ of a classifier's loss (or probability, or logit) with respect to its *input*, p
 - ``labels="true"`` (or a label tensor): one VJP, seed chosen by ``wrt``;
 - ``labels="all"``: the gradient for every class from the same forward pass, with K
   VJPs through the one backward graph — not K forward+backward passes. ``chunk_size``
-  says how many classes' seeds go through the backward together: 1 runs one VJP per
-  class (``retain_graph``), C > 1 one batched VJP (``is_grads_batched``, vmap over the
-  backward) per C classes, which holds C copies of every activation gradient at once.
+  says how many classes' seeds go through the backward together: 1 (the default) runs
+  one VJP per class (``retain_graph``); C > 1 runs one batched VJP (``is_grads_batched``,
+  vmap over the backward) per C classes, which holds C copies of every activation
+  gradient at once.
 
-Which is faster depends on the device. On the CPU the loop of single VJPs wins and is the
-default: on a 2-core machine (SmallCNN, 128x3x32x32, K = 10) one batched VJP of all ten
-classes took ~1.4x the loop's time and chunks of 2 or 5 were no better, because the
-batched backward has no efficient rule for some ops (``max_pool2d_with_indices_backward``
-falls back to a per-sample loop and a ``cat``, ``threshold_backward`` materialises the
-broadcast mask) and runs convolutions on a K-times larger working set. On CUDA the default
-is batched, in chunks that keep ``chunk * N * x[0].numel()`` under 2**25 elements: larger
-batches are what a GPU needs, at the price of memory (``bench/gpu_bench.py`` races both).
+Why the loop is the default: measured on a 2-core CPU with torch 2.13 (SmallCNN,
+128x3x32x32, K = 10), one batched VJP of all ten classes took 1.2-1.4x the loop's time,
+chunks of five 1.1-1.3x. The profile shows why, and it is not specific to the CPU: under
+vmap, ``convolution_backward`` and ``max_pool2d_with_indices_backward`` still run once per
+class (inside one batched call), their results are concatenated (``cat`` took a fifth of
+the time), and ``threshold_backward`` works on the broadcast (K, N, ...) tensors. So for
+CNNs the batched VJP does the loop's work plus copies, in K times the memory. Models
+whose backward does batch (matrix products only, e.g. MLP heads) may gain from
+``chunk_size`` > 1 on a GPU; ``bench/gpu_bench.py`` races both.
 
 With ``create_graph=True`` the result stays in the autograd graph, so a loss built from
 it (an adversarial loss on the gradient, an L2 matching term, ``||dL/dx||^2``) can be
@@ -45,31 +47,12 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["default_chunk_size", "input_gradients", "normalize_per_sample", "seed"]
+__all__ = ["input_gradients", "normalize_per_sample", "seed"]
 
 WrtName = Literal["loss", "prob", "logit"]
 NormalizeName = Literal["l2", "zero_mean_l2"]
 _WRT = ("loss", "prob", "logit")
 _NORMALIZE = (None, "l2", "zero_mean_l2")
-
-# Batched VJPs over classes hold chunk * N copies of every activation gradient; the default
-# chunk on CUDA keeps chunk * N * D (input elements) under this many elements.
-_CHUNK_ELEMENTS = 1 << 25
-
-
-def default_chunk_size(device: torch.device, n: int, d: int, k: int) -> int:
-    """Classes per VJP that :func:`input_gradients` uses for ``labels="all"`` when
-    ``chunk_size`` is not given: 1 (a loop of VJPs) on the CPU, where it is the fastest;
-    elsewhere as many of the K classes as keep ``chunk * n * d`` under 2**25 elements.
-
-    Args:
-        device: the device of the input.
-        n: batch size. d: elements per sample. k: number of classes.
-    """
-    if device.type == "cpu":
-        return 1
-    return max(1, min(k, _CHUNK_ELEMENTS // max(1, n * d)))
-
 
 def seed(logits: Tensor, labels: Tensor, wrt: WrtName = "loss") -> Tensor:
     """The vector ``dOut/dz`` that turns a VJP through the model into an input gradient.
@@ -187,7 +170,7 @@ def input_gradients(
     wrt: WrtName = "loss",
     normalize: NormalizeName | None = None,
     create_graph: bool = False,
-    chunk_size: int | None = None,
+    chunk_size: int = 1,
     return_logits: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-sample gradients of the model's loss, probability or logit w.r.t. its input.
@@ -199,7 +182,11 @@ def input_gradients(
         model: maps (N, ...) inputs to (N, K) logits.
         x: (N, ...) float inputs (pixel units for images). When ``x`` already requires
             grad (e.g. it is the output of a differentiable resize), gradients are taken
-            through it as is; otherwise a detached leaf copy is used.
+            through it as is; otherwise a detached leaf copy is used. Its memory layout
+            is kept: on the CPU a channels-last x
+            (``x.contiguous(memory_format=torch.channels_last)``) made the all-label
+            gradients of a small CNN 1.2x faster (ties at ReLU/max-pool kinks may then
+            resolve differently than with NCHW).
         y: (N,) int64 true labels; needed for ``labels="true"``.
         labels: ``"true"`` (use ``y``), an (N,) label tensor (e.g. attack targets), or
             ``"all"`` for the gradient of every one of the K classes.
@@ -209,11 +196,10 @@ def input_gradients(
         create_graph: keep the result differentiable w.r.t. the model's parameters (and
             ``x``), for double backpropagation.
         chunk_size: for ``labels="all"``, how many classes' seeds go through the backward
-            graph together: 1 is one VJP per class (a loop, the least memory), C > 1 one
-            batched VJP (``is_grads_batched``) per C classes, which holds C copies of every
-            activation gradient. Default: :func:`default_chunk_size` (1 on the CPU, where it
-            is fastest; memory-bounded batches elsewhere). The forward pass runs once
-            whatever the value.
+            graph together: 1 (default) is one VJP per class, a loop over the one graph
+            with the least memory and, for CNNs, the least time; C > 1 is one batched VJP
+            (``is_grads_batched``) per C classes, holding C copies of every activation
+            gradient (see the module docstring). The forward pass runs once either way.
         return_logits: also return the (N, K) logits of the forward pass.
 
     Returns:
@@ -221,8 +207,7 @@ def input_gradients(
         ``return_logits`` a pair ``(gradients, logits)``. Detached unless ``create_graph``.
     """
     _check(model, x, labels, y, wrt, normalize)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     n = x.shape[0]
     xin = x if x.requires_grad else x.detach().requires_grad_(True)
@@ -237,7 +222,8 @@ def input_gradients(
             assert lab is not None
             lab = _check_label_tensor(lab, "labels" if isinstance(labels, Tensor) else "y",
                                       n, k, x.device)
-            s = seed(logits, lab, wrt)
+            with torch.set_grad_enabled(create_graph):  # the seed's graph only for double backprop
+                s = seed(logits, lab, wrt)
             (g,) = torch.autograd.grad(logits, xin, grad_outputs=s, create_graph=create_graph)
             if normalize is not None:
                 g = normalize_per_sample(g, normalize, batch_dims=1)
@@ -252,11 +238,10 @@ def input_gradients(
 
 
 def _all_labels(logits: Tensor, xin: Tensor, k: int, wrt: WrtName, create_graph: bool,
-                chunk_size: int | None) -> Tensor:
+                chunk_size: int) -> Tensor:
     """(N, K, ...) gradients for every class from one forward pass."""
     n = xin.shape[0]
-    d = max(1, xin[0].numel()) if n else 1
-    chunk = min(k, chunk_size or default_chunk_size(xin.device, n, d, k))
+    chunk = min(k, chunk_size)
     # Without a graph to keep, each chunk is copied into the result as it comes, so only
     # one chunk's gradients exist beside it.
     out = None if create_graph else xin.new_empty((n, k, *xin.shape[1:]))
@@ -266,14 +251,17 @@ def _all_labels(logits: Tensor, xin: Tensor, k: int, wrt: WrtName, create_graph:
         retain = create_graph or stop < k
         if stop - start == 1:
             labels = torch.full((n,), start, dtype=torch.int64, device=logits.device)
-            (g,) = torch.autograd.grad(logits, xin, grad_outputs=seed(logits, labels, wrt),
-                                       retain_graph=retain, create_graph=create_graph)
+            with torch.set_grad_enabled(create_graph):
+                s = seed(logits, labels, wrt)
+            (g,) = torch.autograd.grad(logits, xin, grad_outputs=s, retain_graph=retain,
+                                       create_graph=create_graph)
             g = g.unsqueeze(1)
         else:
             classes = torch.arange(start, stop, device=logits.device)
-            (g,) = torch.autograd.grad(logits, xin, grad_outputs=_seeds_all(logits, classes, wrt),
-                                       retain_graph=retain, create_graph=create_graph,
-                                       is_grads_batched=True)
+            with torch.set_grad_enabled(create_graph):
+                s = _seeds_all(logits, classes, wrt)
+            (g,) = torch.autograd.grad(logits, xin, grad_outputs=s, retain_graph=retain,
+                                       create_graph=create_graph, is_grads_batched=True)
             g = g.transpose(0, 1)  # (C, N, ...) -> (N, C, ...)
         if out is None:
             parts.append(g)

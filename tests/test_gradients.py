@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safedl_ext import gradients as G
 from safedl_ext.gradients import input_gradients, normalize_per_sample
 from safedl_ext.training import accuracy
 from tests.conftest import DEVICES
@@ -83,7 +82,7 @@ def test_label_tensor_is_a_target(model64, batch, wrt):
 
 
 @pytest.mark.parametrize("wrt", ["loss", "prob", "logit"])
-@pytest.mark.parametrize("chunk_size", [None, 1, 3, 10])
+@pytest.mark.parametrize("chunk_size", [1, 3, 10, 25])
 def test_all_labels_equal_per_label_calls(model64, batch, wrt, chunk_size):
     x = batch[0].double()[:32]
     n = x.shape[0]
@@ -266,12 +265,6 @@ def test_mode_is_left_alone(digits_model, batch):
     m = copy.deepcopy(digits_model).train()
     input_gradients(m, x, y)
     assert m.training
-
-
-def test_default_chunk_size():
-    assert G.default_chunk_size(torch.device("cpu"), 128, 3072, 10) == 1
-    assert G.default_chunk_size(torch.device("cuda"), 128, 3072, 10) == 10
-    assert G.default_chunk_size(torch.device("cuda"), 4096, 3 * 224 * 224, 1000) == 1
 
 
 def test_fgsm_along_the_gradient_beats_random_signs(digits_model, digits):
