@@ -12,15 +12,18 @@ of a classifier's loss (or probability, or logit) with respect to its *input*, p
   vmap over the backward) per C classes, which holds C copies of every activation
   gradient at once.
 
-Why the loop is the default: measured on a 2-core CPU with torch 2.13 (SmallCNN,
-128x3x32x32, K = 10), one batched VJP of all ten classes took 1.2-1.4x the loop's time,
-chunks of five 1.1-1.3x. The profile shows why, and it is not specific to the CPU: under
-vmap, ``convolution_backward`` and ``max_pool2d_with_indices_backward`` still run once per
-class (inside one batched call), their results are concatenated (``cat`` took a fifth of
-the time), and ``threshold_backward`` works on the broadcast (K, N, ...) tensors. So for
-CNNs the batched VJP does the loop's work plus copies, in K times the memory. Models
-whose backward does batch (matrix products only, e.g. MLP heads) may gain from
-``chunk_size`` > 1 on a GPU; ``bench/gpu_bench.py`` races both.
+Why the loop is the default: on a 2-core CPU with torch 2.13 (SmallCNN on 128x3x32x32,
+K = 10; four runs of ``bench/test_bench_gradients.py``), one batched VJP of all ten
+classes took 1.2-1.5x the loop's time and chunks of five 1.1-1.6x. The profile shows why
+(and batching rules sit above the device kernels, so it is likely the same on CUDA, not
+yet measured): under vmap, ``convolution_backward`` and
+``max_pool2d_with_indices_backward`` still run once per class (inside one batched call),
+their results are concatenated (``cat`` took a fifth of the time), and
+``threshold_backward`` works on the broadcast (K, N, ...) tensors. So for CNNs the batched
+VJP does the loop's work plus copies, in K times the memory. Where per-op overhead
+dominates instead (the 8x8 digits CNN), chunks of five took 0.7-1.06x the loop's time, and
+models whose backward does batch (matrix products only) may gain on a GPU:
+``chunk_size`` is worth a try there (``bench/gpu_bench.py`` races both on CUDA).
 
 With ``create_graph=True`` the result stays in the autograd graph, so a loss built from
 it (an adversarial loss on the gradient, an L2 matching term, ``||dL/dx||^2``) can be
