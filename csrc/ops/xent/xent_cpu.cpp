@@ -1,6 +1,7 @@
 // CPU driver of safedl::xent_seed and safedl::xent_seed_backward: at::parallel_for over
-// rows; each row is three short passes over its (cache-resident) elements, written so the
-// compiler vectorises them: independent accumulator lanes, libm-free exp.
+// rows; each row is a few short loops over its (cache-resident) elements (max, exp, sum,
+// scale; the VJP adds a dot product and the result), each written so the compiler
+// vectorises it: plain maps, independent accumulator lanes for reductions, libm-free exp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
