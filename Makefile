@@ -10,7 +10,7 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test lint bench bench-linalg cuda-check cmake-test asan-test gpu-check clean
+.PHONY: setup build demo test lint bench bench-linalg bench-gradients cuda-check cmake-test asan-test gpu-check clean
 
 setup:
 	scripts/setup-venv.sh $(VENV) $(TORCH_SPEC)
@@ -38,6 +38,13 @@ bench-linalg: setup
 		bench/test_bench_gmm.py -q --benchmark-json=bench/results/linalg-cpu-raw.json
 	$(PY) bench/summarize.py bench/results/linalg-cpu-raw.json \
 		--out bench/results/linalg-cpu.json --markdown bench/results/linalg-cpu.md
+
+# Issue 4 only: input gradients of all labels vs K passes, the native xent seed op (~3 min).
+bench-gradients: setup
+	SAFEDL_REQUIRE_NATIVE=1 $(PY) -m pytest bench/test_bench_gradients.py -q \
+		--benchmark-json=bench/results/gradients-cpu-raw.json
+	$(PY) bench/summarize.py bench/results/gradients-cpu-raw.json \
+		--out bench/results/gradients-cpu.json --markdown bench/results/gradients-cpu.md
 
 # Compile and link the CUDA kernels against a CUDA build of torch; no GPU needed.
 cuda-check:

@@ -1,6 +1,7 @@
 """GPU benchmarks without pytest-benchmark (the GPU machine may lack it): CUDA-event
 timings of the fused step against the device's copy bandwidth and the pure-PyTorch chains,
-and the end-to-end PGD-20 race. Writes one JSON file.
+the end-to-end PGD-20 race, the linalg ops, and the input-gradient engine with the
+cross-entropy seed op. Writes one JSON file.
 
     python bench/gpu_bench.py --out bench/results/gpu-<date>.json
 """
@@ -197,6 +198,73 @@ def linalg_benchmarks(dev: str = "cuda", timer=None) -> dict:
     return out
 
 
+def gradients_benchmarks(dev: str = "cuda", timer=None, batch: int = 256) -> dict:
+    """Issue 4 on the GPU: input gradients of all 10 labels (a loop of VJPs over one
+    forward pass, batched VJPs, and 10 separate forward+backward passes), and the native
+    cross-entropy seed op against the torch composition (float32 and float16).
+    (``dev``/``timer``/``batch`` let it be smoke-tested on a CPU.)"""
+    from safedl_ext.gradients import input_gradients
+    from safedl_ext.ops import reference
+
+    cuda_median_ms = timer or globals()["cuda_median_ms"]
+    torch.manual_seed(0)
+    model = Normalized(SmallCNN(3, 10, 32), (0.4914, 0.4822, 0.4465),
+                       (0.2470, 0.2435, 0.2616)).to(dev).eval()
+    # Untrained weights: a timing race (the CPU benchmark uses the trained model).
+    x = torch.rand(batch, 3, 32, 32, device=dev)
+
+    def k_passes():
+        out = []
+        for k in range(10):
+            xi = x.detach().requires_grad_(True)
+            loss = F.cross_entropy(model(xi), torch.full((batch,), k, device=dev),
+                                   reduction="sum")
+            out.append(torch.autograd.grad(loss, xi)[0])
+        return torch.stack(out, 1)
+
+    ref = k_passes()
+    runs = {"loop_chunk1": lambda: input_gradients(model, x, labels="all"),
+            "batched_chunk5": lambda: input_gradients(model, x, labels="all", chunk_size=5),
+            "batched_chunk10": lambda: input_gradients(model, x, labels="all", chunk_size=10),
+            "k_passes": k_passes}
+    times = {name: cuda_median_ms(fn, reps=10, warmup=2) for name, fn in runs.items()}
+    diff = max(float((runs[n]() - ref).abs().max()) for n in runs if n != "k_passes")
+    out: dict = {"all_labels": {
+        "batch": [batch, 3, 32, 32], "median_ms": times,
+        "speedup_loop_vs_k_passes": times["k_passes"] / times["loop_chunk1"],
+        "speedup_best_vs_k_passes": times["k_passes"] / min(
+            t for n, t in times.items() if n != "k_passes"),
+        "max_abs_diff_vs_k_passes": diff, "max_abs_grad": float(ref.abs().max())}}
+
+    for n, k in ((256, 10), (4096, 1000)):
+        for dt in (torch.float32, torch.float16):
+            g = torch.Generator().manual_seed(0)
+            z = (3 * torch.randn((n, k), generator=g)).to(dev, dt).requires_grad_(True)
+            y = torch.randint(0, k, (n,), generator=g).to(dev)
+            v = torch.randn((n, k), generator=g).to(dev, dt)
+            u = torch.randn((n, k), generator=g).to(dev, dt)
+
+            def chain(fn, depth, z=z, y=y, v=v, u=u):
+                s = fn(z, y)
+                if depth == 0:
+                    return s
+                (gz,) = torch.autograd.grad(s, z, v, create_graph=depth > 1)
+                if depth == 1:
+                    return gz
+                return torch.autograd.grad(gz, z, u)[0]
+
+            res = {}
+            for depth, name in ((0, "fwd"), (1, "fwd_bwd"), (2, "fwd_bwd_dbl")):
+                tn = cuda_median_ms(lambda d=depth: chain(ops.xent_seed, d))
+                tt = cuda_median_ms(lambda d=depth: chain(reference.xent_seed, d))
+                err = float((chain(ops.xent_seed, depth).detach().float()
+                             - chain(reference.xent_seed, depth).detach().float()).abs().max())
+                res[name] = {"native_ms": tn, "torch_ms": tt, "speedup": tt / tn,
+                             "max_abs_diff": err}
+            out[f"xent_{n}x{k}_{str(dt).replace('torch.', '')}"] = res
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -211,6 +279,7 @@ def main() -> int:
                  for dt in (torch.float32, torch.float16)],
         "pgd20": pgd_race(),
         "linalg": linalg_benchmarks(),
+        "gradients": gradients_benchmarks(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

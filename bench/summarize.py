@@ -11,6 +11,8 @@ Targets (exit code stays 0 when one is missed; the summary marks it MISS):
   the torchattacks-style out-of-place chain.
 * ``pgd20-attack``: ``pgd(early_stop=True)`` >= 2x the torchattacks-style loop, with robust
   accuracy within 1 percentage point; ``pgd(early_stop=False)`` >= 1.1x.
+* ``xgrad-all-*``: input gradients of all 10 labels >= 1.4x ten forward+backward passes,
+  with the same gradients (max difference <= 1e-5 of the largest gradient element).
 
 Everything else (wrapper overhead, reference, L2) is reported for information.
 """
@@ -52,6 +54,10 @@ TARGETS = [
      "train-step-resnet18-b64", "native", "baseline-standard", 0.4),
     ("JARN step vs PGD-AT7 step, ResNet-18 CIFAR (JARN <= 0.4x)",
      "train-step-resnet18-b64", "native", "baseline-pgdat7", 2.5),
+    ("input gradients of all 10 labels vs 10 forward+backward passes, SmallCNN "
+     "128x3x32x32", "xgrad-all-cifar128", "native", "baseline-k-passes", 1.4),
+    ("input gradients of all 10 labels vs 10 forward+backward passes, DigitsCNN on 450 "
+     "digits", "xgrad-all-digits", "native", "baseline-k-passes", 1.4),
 ]
 # Quality each target's native side must also reach: (group, native role) -> {key: min}.
 QUALITY = {
@@ -66,6 +72,10 @@ CHECKS = [
      "native", "peak_mem_fraction", "<=", 0.05),
     ("ImageNet-shaped sketch: min projections |cosine| over 20 classes", "svd-imagenet",
      "native", "cos_projections", ">=", 0.98),
+    ("all-label input gradients: max |difference| from the 10 passes' / max |gradient| "
+     "(SmallCNN)", "xgrad-all-cifar128", "native", "max_rel_diff", "<=", 1e-5),
+    ("all-label input gradients: max |difference| from the 10 passes' / max |gradient| "
+     "(digits)", "xgrad-all-digits", "native", "max_rel_diff", "<=", 1e-5),
 ]
 # (name, group, role of the faster side, role of the slower side): information only
 INFO = [
@@ -84,6 +94,27 @@ INFO = [
      "included)", "svd-imagenet", "floor-projection", "native"),
     ("CIFAR-shaped: torch.linalg.svd / sketch mode (one pass, k=2048)", "svd-cifar", "sketch",
      "baseline-svd"),
+    ("all labels, SmallCNN: one batched VJP of 10 classes / loop of VJPs",
+     "xgrad-all-cifar128", "native", "batched"),
+    ("all labels, SmallCNN: batched VJPs of 5 classes / loop of VJPs", "xgrad-all-cifar128",
+     "native", "batched-5"),
+    ("all labels, SmallCNN: loop of VJPs on NCHW / on a channels-last copy",
+     "xgrad-all-cifar128", "native-channels-last", "native"),
+    ("all labels, digits: one batched VJP of 10 classes / loop of VJPs", "xgrad-all-digits",
+     "native", "batched"),
+    ("all labels, digits: batched VJPs of 5 classes / loop of VJPs", "xgrad-all-digits",
+     "native", "batched-5"),
+    ("xent seed 256x10, forward + backward + double backward: torch / native", "xent-256x10",
+     "native", "baseline-torch"),
+    ("xent seed 256x10, forward + backward: torch / native", "xent-256x10", "native-fwdbwd",
+     "torch-fwdbwd"),
+    ("xent seed 256x10, forward: torch / native", "xent-256x10", "native-fwd", "torch-fwd"),
+    ("xent seed 4096x1000, forward + backward + double backward: torch / native",
+     "xent-4096x1000", "native", "baseline-torch"),
+    ("xent seed 4096x1000, forward + backward: torch / native", "xent-4096x1000",
+     "native-fwdbwd", "torch-fwdbwd"),
+    ("xent seed 4096x1000, forward: torch / native", "xent-4096x1000", "native-fwd",
+     "torch-fwd"),
 ]
 ACC_TOLERANCE_PP = 1.0
 
@@ -116,7 +147,7 @@ def _rows(raw: dict) -> list[dict[str, Any]]:
         }
         for key in ("robust_acc", "clean_acc_batch", "clean_acc_test1000", "threads",
                     "agreement", "cos_vector", "cos_projections", "peak_mem_fraction",
-                    "peak_rss_fraction", "rows_per_second"):
+                    "peak_rss_fraction", "rows_per_second", "max_abs_diff", "max_rel_diff"):
             if key in extra:
                 row[key] = extra[key]
         rows.append(row)

@@ -47,4 +47,15 @@ TORCH_LIBRARY(safedl, m) {
       "gmm1d_em(Tensor values, Tensor lengths, Tensor weights, Tensor means, "
       "Tensor variances, int max_iter, float tol, float reg_covar) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- gradients: the cross-entropy seed of input gradients (ops/xent) ----
+  // Row-wise softmax(logits) - onehot(labels): the gradient of the summed cross-entropy
+  // w.r.t. the logits. logits: (N, K) float32/float64 (float16/bfloat16 on CUDA, computed
+  // in float), any strides; labels: (N,) int64 in [0, K). Returns (N, K) contiguous of
+  // logits' dtype.
+  m.def("xent_seed(Tensor logits, Tensor labels) -> Tensor");
+  // Its vector-Jacobian product: (diag(p) - p p^T) grad = p * (grad - (p . grad)) row-wise,
+  // with p = softmax(logits) recomputed from logits. grad, logits: (N, K), same dtype and
+  // device. Returns (N, K) contiguous. Differentiable itself (registered in Python).
+  m.def("xent_seed_backward(Tensor grad, Tensor logits) -> Tensor");
 }

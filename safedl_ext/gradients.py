@@ -5,9 +5,25 @@ of a classifier's loss (or probability, or logit) with respect to its *input*, p
 :func:`input_gradients` computes it with one forward pass and vector-Jacobian products:
 
 - ``labels="true"`` (or a label tensor): one VJP, seed chosen by ``wrt``;
-- ``labels="all"``: the gradient for every class, from the same forward pass, with the K
-  seeds pushed through the backward graph as one batched VJP (``is_grads_batched``),
-  chunked over classes to bound memory — not K forward+backward passes.
+- ``labels="all"``: the gradient for every class from the same forward pass, with K
+  VJPs through the one backward graph — not K forward+backward passes. ``chunk_size``
+  says how many classes' seeds go through the backward together: 1 (the default) runs
+  one VJP per class (``retain_graph``); C > 1 runs one batched VJP (``is_grads_batched``,
+  vmap over the backward) per C classes, which holds C copies of every activation
+  gradient at once.
+
+Why the loop is the default: on a 2-core CPU with torch 2.13 (SmallCNN on 128x3x32x32,
+K = 10; four runs of ``bench/test_bench_gradients.py``), one batched VJP of all ten
+classes took 1.2-1.5x the loop's time and chunks of five 1.1-1.6x. The profile shows why
+(and batching rules sit above the device kernels, so it is likely the same on CUDA, not
+yet measured): under vmap, ``convolution_backward`` and
+``max_pool2d_with_indices_backward`` still run once per class (inside one batched call),
+their results are concatenated (``cat`` took a fifth of the time), and
+``threshold_backward`` works on the broadcast (K, N, ...) tensors. So for CNNs the batched
+VJP does the loop's work plus copies, in K times the memory. Where per-op overhead
+dominates instead (the 8x8 digits CNN), chunks of five took 0.7-1.06x the loop's time, and
+models whose backward does batch (matrix products only) may gain on a GPU:
+``chunk_size`` is worth a try there (``bench/gpu_bench.py`` races both on CUDA).
 
 With ``create_graph=True`` the result stays in the autograd graph, so a loss built from
 it (an adversarial loss on the gradient, an L2 matching term, ``||dL/dx||^2``) can be
@@ -40,11 +56,6 @@ WrtName = Literal["loss", "prob", "logit"]
 NormalizeName = Literal["l2", "zero_mean_l2"]
 _WRT = ("loss", "prob", "logit")
 _NORMALIZE = (None, "l2", "zero_mean_l2")
-
-# Batched VJPs over classes hold chunk * N copies of every activation gradient; the default
-# chunk keeps chunk * N * D (input elements) under this many elements.
-_CHUNK_ELEMENTS = 1 << 25
-
 
 def seed(logits: Tensor, labels: Tensor, wrt: WrtName = "loss") -> Tensor:
     """The vector ``dOut/dz`` that turns a VJP through the model into an input gradient.
@@ -162,7 +173,7 @@ def input_gradients(
     wrt: WrtName = "loss",
     normalize: NormalizeName | None = None,
     create_graph: bool = False,
-    chunk_size: int | None = None,
+    chunk_size: int = 1,
     return_logits: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-sample gradients of the model's loss, probability or logit w.r.t. its input.
@@ -174,7 +185,11 @@ def input_gradients(
         model: maps (N, ...) inputs to (N, K) logits.
         x: (N, ...) float inputs (pixel units for images). When ``x`` already requires
             grad (e.g. it is the output of a differentiable resize), gradients are taken
-            through it as is; otherwise a detached leaf copy is used.
+            through it as is; otherwise a detached leaf copy is used. Its memory layout
+            is kept: on the CPU a channels-last x
+            (``x.contiguous(memory_format=torch.channels_last)``) made the all-label
+            gradients of a small CNN 1.2x faster (ties at ReLU/max-pool kinks may then
+            resolve differently than with NCHW).
         y: (N,) int64 true labels; needed for ``labels="true"``.
         labels: ``"true"`` (use ``y``), an (N,) label tensor (e.g. attack targets), or
             ``"all"`` for the gradient of every one of the K classes.
@@ -183,9 +198,11 @@ def input_gradients(
         normalize: ``None``, ``"l2"`` or ``"zero_mean_l2"``, per sample (and per class).
         create_graph: keep the result differentiable w.r.t. the model's parameters (and
             ``x``), for double backpropagation.
-        chunk_size: classes per batched VJP for ``labels="all"``; default bounds
-            ``chunk * N * x[0].numel()`` to 2**25 elements. 1 means one VJP per class
-            (still one forward pass).
+        chunk_size: for ``labels="all"``, how many classes' seeds go through the backward
+            graph together: 1 (default) is one VJP per class, a loop over the one graph
+            with the least memory and, for CNNs, the least time; C > 1 is one batched VJP
+            (``is_grads_batched``) per C classes, holding C copies of every activation
+            gradient (see the module docstring). The forward pass runs once either way.
         return_logits: also return the (N, K) logits of the forward pass.
 
     Returns:
@@ -193,8 +210,7 @@ def input_gradients(
         ``return_logits`` a pair ``(gradients, logits)``. Detached unless ``create_graph``.
     """
     _check(model, x, labels, y, wrt, normalize)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     n = x.shape[0]
     xin = x if x.requires_grad else x.detach().requires_grad_(True)
@@ -209,7 +225,8 @@ def input_gradients(
             assert lab is not None
             lab = _check_label_tensor(lab, "labels" if isinstance(labels, Tensor) else "y",
                                       n, k, x.device)
-            s = seed(logits, lab, wrt)
+            with torch.set_grad_enabled(create_graph):  # the seed's graph only for double backprop
+                s = seed(logits, lab, wrt)
             (g,) = torch.autograd.grad(logits, xin, grad_outputs=s, create_graph=create_graph)
             if normalize is not None:
                 g = normalize_per_sample(g, normalize, batch_dims=1)
@@ -224,25 +241,33 @@ def input_gradients(
 
 
 def _all_labels(logits: Tensor, xin: Tensor, k: int, wrt: WrtName, create_graph: bool,
-                chunk_size: int | None) -> Tensor:
+                chunk_size: int) -> Tensor:
     """(N, K, ...) gradients for every class from one forward pass."""
     n = xin.shape[0]
-    d = max(1, xin[0].numel())
-    chunk = chunk_size or max(1, min(k, _CHUNK_ELEMENTS // max(1, n * d)))
-    chunk = min(chunk, k)
-    out: list[Tensor] = []
-    classes = torch.arange(k, device=logits.device)
+    chunk = min(k, chunk_size)
+    # Without a graph to keep, each chunk is copied into the result as it comes, so only
+    # one chunk's gradients exist beside it.
+    out = None if create_graph else xin.new_empty((n, k, *xin.shape[1:]))
+    parts: list[Tensor] = []
     for start in range(0, k, chunk):
-        cls = classes[start:start + chunk]
-        seeds = _seeds_all(logits, cls, wrt)  # (C, N, K)
-        last = start + chunk >= k
-        retain = create_graph or not last
-        if cls.numel() == 1:
-            (g,) = torch.autograd.grad(logits, xin, grad_outputs=seeds[0],
-                                       retain_graph=retain, create_graph=create_graph)
-            g = g.unsqueeze(0)
+        stop = min(k, start + chunk)
+        retain = create_graph or stop < k
+        if stop - start == 1:
+            labels = torch.full((n,), start, dtype=torch.int64, device=logits.device)
+            with torch.set_grad_enabled(create_graph):
+                s = seed(logits, labels, wrt)
+            (g,) = torch.autograd.grad(logits, xin, grad_outputs=s, retain_graph=retain,
+                                       create_graph=create_graph)
+            g = g.unsqueeze(1)
         else:
-            (g,) = torch.autograd.grad(logits, xin, grad_outputs=seeds, retain_graph=retain,
+            classes = torch.arange(start, stop, device=logits.device)
+            with torch.set_grad_enabled(create_graph):
+                s = _seeds_all(logits, classes, wrt)
+            (g,) = torch.autograd.grad(logits, xin, grad_outputs=s, retain_graph=retain,
                                        create_graph=create_graph, is_grads_batched=True)
-        out.append(g)  # (C, N, ...)
-    return torch.cat(out, dim=0).transpose(0, 1)
+            g = g.transpose(0, 1)  # (C, N, ...) -> (N, C, ...)
+        if out is None:
+            parts.append(g)
+        else:
+            out[:, start:stop].copy_(g)
+    return out if out is not None else torch.cat(parts, dim=1)

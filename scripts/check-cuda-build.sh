@@ -21,7 +21,8 @@ import torch
 from safedl_ext import ops
 assert ops.backend() == "native", ops.native_error()
 assert ops.has_cuda_kernels(), "CUDA kernels of safedl::pgd_step_ are not registered"
-OPS = ("pgd_step_", "srht_project", "gram_update_", "gram_symmetrize", "gmm1d_em")
+OPS = ("pgd_step_", "srht_project", "gram_update_", "gram_symmetrize", "gmm1d_em",
+       "xent_seed", "xent_seed_backward")
 for op in OPS:
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"safedl::{op}", key), (op, key)

@@ -309,3 +309,10 @@ def xent_seed(logits: Tensor, labels: Tensor) -> Tensor:
     cross-entropy w.r.t. the logits (differentiable through torch's own autograd)."""
     p = torch.softmax(logits, dim=1)
     return p - torch.zeros_like(p).scatter_(1, labels.long().view(-1, 1), 1.0)
+
+
+def xent_seed_backward(grad: Tensor, logits: Tensor) -> Tensor:
+    """(N, K) ``(diag(p) - p p^T) grad`` row-wise, ``p = softmax(logits)``: the
+    vector-Jacobian product of :func:`xent_seed` (and of softmax)."""
+    p = torch.softmax(logits, dim=1)
+    return p * (grad - (p * grad).sum(dim=1, keepdim=True))
