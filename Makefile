@@ -10,7 +10,7 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test lint bench bench-linalg bench-gradients cuda-check cmake-test asan-test gpu-check clean
+.PHONY: setup build demo test lint bench bench-linalg bench-gradients bench-defenses cuda-check cmake-test asan-test gpu-check clean
 
 setup:
 	scripts/setup-venv.sh $(VENV) $(TORCH_SPEC)
@@ -40,6 +40,13 @@ bench-linalg: setup
 		--out bench/results/linalg-cpu.json --markdown bench/results/linalg-cpu.md
 
 # Issue 4 only: input gradients of all labels vs K passes, the native xent seed op (~3 min).
+# Issue 4: one training step of JARN vs standard vs PGD-AT7 (MNIST CNN, ResNet-18; ~5 min).
+bench-defenses: setup
+	SAFEDL_REQUIRE_NATIVE=1 $(PY) -m pytest bench/test_bench_defenses.py -q \
+		--benchmark-json=bench/results/defenses-cpu-raw.json
+	$(PY) bench/summarize.py bench/results/defenses-cpu-raw.json \
+		--out bench/results/defenses-cpu.json --markdown bench/results/defenses-cpu.md
+
 bench-gradients: setup
 	SAFEDL_REQUIRE_NATIVE=1 $(PY) -m pytest bench/test_bench_gradients.py -q \
 		--benchmark-json=bench/results/gradients-cpu-raw.json
