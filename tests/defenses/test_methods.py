@@ -166,3 +166,16 @@ def test_jarn_at1_uses_fgsm_examples(digits):
     xin = m._inputs(model, x, y, ctx)
     assert float((xin - x).abs().max()) <= EPS + 1e-6
     assert float((xin - x).abs().mean()) > EPS / 2  # an attack, not the clean input
+
+
+def test_jarn_adaptor_starts_as_tanh_and_real_images_share_the_jacobians_scale(digits):
+    """At the start the adaptor is tanh(J), and real images reach the discriminator with
+    the Jacobian's normalisation (zero mean, unit L2 per sample), so the two sides differ
+    in shape, not in offset or scale."""
+    from safedl_ext.defenses.jarn import Adaptor, _real_view
+
+    j = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(Adaptor(3)(j), torch.tanh(j))
+    real = _real_view(digits.x_train[:16], "normalized", "zero_mean_l2").flatten(1)
+    torch.testing.assert_close(real.mean(1), torch.zeros(16), atol=1e-6, rtol=0)
+    torch.testing.assert_close(real.norm(dim=1), torch.ones(16), atol=1e-5, rtol=0)
