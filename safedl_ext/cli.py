@@ -447,7 +447,7 @@ def _add_train_parser(sub: Any) -> None:
     tr.add_argument("--disc-every", type=int, default=20, help="JARN discriminator interval")
     tr.add_argument("--disc-layers", type=int, default=5)
     tr.add_argument("--disc-width", type=int, default=32)
-    tr.add_argument("--jarn-wrt", choices=["loss", "prob"], default="prob",
+    tr.add_argument("--jarn-wrt", choices=["loss", "prob", "logit"], default="prob",
                     help="JARN Jacobian: of the true-class probability (authors' code) or of "
                     "the loss (thesis text; opposite sign after normalisation)")
     tr.add_argument("--attacks", help="after training, e.g. fgsm,pgd5,pgd40 ('none': skip)")

@@ -54,8 +54,9 @@ class JARNConfig:
         disc_layers: stride-2 convolutions in D (authors' code: 5 on 32x32 inputs).
         disc_width: channels of D's first convolution, doubled per layer (authors: 32).
         disc_lr: Adam learning rate of D (authors' code: 1e-3).
-        wrt: ``"prob"`` (authors' code; default, see the module docstring for why) or
-            ``"loss"`` (thesis text) Jacobian.
+        wrt: ``"prob"`` (authors' code; default, see the module docstring for why),
+            ``"loss"`` (thesis text) or ``"logit"`` (the true-class logit's gradient, which
+            does not vanish when the softmax saturates) Jacobian.
         normalize: ``"zero_mean_l2"`` (thesis/authors) or ``"l2"``.
         real_images: how real images are shown to D: ``"normalized"`` gives them the
             Jacobian's own per-sample normalisation (``normalize``), so real and adapted
@@ -76,7 +77,7 @@ class JARNConfig:
     disc_layers: int = 5
     disc_width: int = 32
     disc_lr: float = 1e-3
-    wrt: Literal["loss", "prob"] = "prob"
+    wrt: Literal["loss", "prob", "logit"] = "prob"
     normalize: Literal["zero_mean_l2", "l2"] = "zero_mean_l2"
     real_images: Literal["normalized", "signed", "standardize"] = "normalized"
     gan_loss: Literal["minimax", "non_saturating"] = "minimax"
@@ -98,7 +99,8 @@ class JARNConfig:
         need(isinstance(self.disc_width, int) and self.disc_width >= 1,
              f"disc_width must be an int >= 1, got {self.disc_width!r}")
         need(self.disc_lr > 0, f"disc_lr must be > 0, got {self.disc_lr}")
-        need(self.wrt in ("loss", "prob"), f"wrt must be 'loss' or 'prob', got {self.wrt!r}")
+        need(self.wrt in ("loss", "prob", "logit"),
+             f"wrt must be 'loss', 'prob' or 'logit', got {self.wrt!r}")
         need(self.normalize in ("zero_mean_l2", "l2"),
              f"normalize must be 'zero_mean_l2' or 'l2', got {self.normalize!r}")
         need(self.real_images in ("normalized", "signed", "standardize"),
