@@ -385,7 +385,13 @@ def fgsm(
     """Fast gradient sign method (Goodfellow et al. 2015): one step of size ``eps`` from
     ``x`` (for ``norm="l2"``, the fast gradient method: one L2 step of length ``eps``).
     Arguments as in :func:`pgd`."""
-    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm=norm, random_start=False,
+    # The step is projected back onto the eps-ball, so where eps = 0 any positive step
+    # leaves x unchanged (a zero step would be rejected as a step size).
+    if isinstance(eps, Tensor):
+        alpha: float | Tensor = torch.where(eps > 0, eps, torch.ones_like(eps))
+    else:
+        alpha = eps if not (isinstance(eps, (int, float)) and eps == 0) else 1.0
+    return pgd(model, x, y, eps=eps, alpha=alpha, steps=1, norm=norm, random_start=False,
                targeted=targeted, loss=loss, lo=lo, hi=hi, autocast=autocast,
                memory_format=memory_format)
 

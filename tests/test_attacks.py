@@ -250,3 +250,15 @@ def test_device_mismatch_and_cuda_attack(digits_model, test_set):
     assert abs(res_gpu.success.float().mean().item() - res_cpu.success.float().mean().item()) < 0.02
     res_amp = A.pgd(model, x.cuda(), y.cuda(), eps=EPS, steps=20, autocast=torch.bfloat16)
     assert res_amp.success.float().mean() > 0.9
+
+
+def test_fgsm_at_zero_eps_is_the_clean_prediction(digits, digits_model):
+    """eps = 0 is a valid radius (the first point of an accuracy-vs-eps curve): the input
+    comes back unchanged and success is the clean misclassification."""
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    res = A.fgsm(digits_model, x, y, eps=0.0)
+    assert torch.equal(res.x_adv, x)
+    with torch.no_grad():
+        assert torch.equal(res.success, digits_model(x).argmax(1) != y)
+    mixed = A.fgsm(digits_model, x, y, eps=torch.tensor([0.0, 0.2]).repeat(32))
+    assert torch.equal(mixed.x_adv[0::2], x[0::2])
