@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .models import model_device_dtype
+from ._checks import check_model_input as _check_model_data
 from .report import machine_info, markdown_table, write_json_atomic, write_text_atomic
 
 __all__ = [
@@ -113,23 +113,6 @@ def is_success(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
 
 
 # ------------------------------------------------------------------------- validation
-
-
-def _check_model_data(model: Callable[[Tensor], Tensor], x: Tensor) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"x must have shape (N, ...) with at least 2 dims, got {tuple(x.shape)}")
-    if isinstance(model, nn.Module):
-        dev, dt = model_device_dtype(model)
-        if dev is not None and dev != x.device:
-            raise ValueError(f"x is on {x.device} but the model's parameters are on {dev}")
-        if dt is not None and dt != x.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the model's parameters have {dt}")
-    elif not callable(model):
-        raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
 
 
 def _check_labels(y: Tensor, x: Tensor, name: str = "y") -> None:

@@ -46,9 +46,10 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import ops
+from ._checks import check_model_input
 
 __all__ = ["input_gradients", "normalize_per_sample", "seed"]
 
@@ -120,14 +121,7 @@ def normalize_per_sample(g: Tensor, how: NormalizeName, batch_dims: int = 1,
 
 def _check(model: Callable[[Tensor], Tensor], x: Tensor, labels: object, y: Tensor | None,
            wrt: str, normalize: object) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"x must have shape (N, ...) with at least 2 dims, got {tuple(x.shape)}")
-    if not callable(model):
-        raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+    check_model_input(model, x)
     if wrt not in _WRT:
         raise ValueError(f"wrt must be one of {_WRT}, got {wrt!r}")
     if normalize not in _NORMALIZE:
@@ -141,14 +135,6 @@ def _check(model: Callable[[Tensor], Tensor], x: Tensor, labels: object, y: Tens
     elif not isinstance(labels, Tensor):
         raise TypeError(f"labels must be 'true', 'all' or an (N,) label tensor, got "
                         f"{type(labels).__name__}")
-    if isinstance(model, nn.Module):
-        from .models import model_device_dtype
-
-        dev, dt = model_device_dtype(model)
-        if dev is not None and dev != x.device:
-            raise ValueError(f"x is on {x.device} but the model's parameters are on {dev}")
-        if dt is not None and dt != x.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the model's parameters have {dt}")
 
 
 def _check_label_tensor(t: Tensor, name: str, n: int, k: int, device: torch.device) -> Tensor:

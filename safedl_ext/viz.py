@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import attacks as _attacks
+from ._checks import check_model_input
 from .gradients import input_gradients
 from .report import write_bytes_atomic
 
@@ -124,7 +125,7 @@ def _check_images(models: Mapping[str, Model], x: Tensor, y: Tensor, lo: float,
     if x.shape[0] == 0:
         raise ValueError("x must hold at least one image, got N=0")
     for m in models.values():
-        _attacks._check_model_data(m, x)
+        check_model_input(m, x)
     _attacks._check_labels(y, x)
     _attacks._check_box(x, lo, hi)
 

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <limits>
 
+#include "../../common/fast_exp.h"
 #include "../../common/host_device.h"
 
 namespace safedl {
@@ -97,43 +98,12 @@ SAFEDL_HOST_DEVICE Stats add_stats(const Stats& a, const Stats& b) {
 // Log joint density of x and component k: log w_k + log N(x | mu_k, var_k).
 SAFEDL_HOST_DEVICE double log_joint(double d, double h, double c) { return c + h * d * d; }
 
+using safedl::exp_nonpositive;  // csrc/common/fast_exp.h
+
 // Two-way log-sum-exp and the responsibility of component 1, from a_0 and a_1. The
 // smaller responsibility is computed as e / (1 + e) with e = exp(-|a_1 - a_0|), so it
 // keeps its relative precision down to underflow. -inf in one of them (a weight of 0)
 // gives that component responsibility 0.
-// exp(x) for x <= 0 without libm: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, a
-// degree-12 Taylor polynomial (relative error < 2e-15), 2^k built from its exponent bits.
-// Branch-free arithmetic only, so the CPU loops vectorise it; 0 below -708.
-SAFEDL_HOST_DEVICE double exp_nonpositive(double x) {
-  const double xc = x < -708.0 ? -708.0 : x;
-  const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
-  const double t = xc * 1.4426950408889634 + shifter;
-  const double kf = t - shifter;
-  const double r = (xc - kf * 6.93147180369123816490e-01) - kf * 1.90821492927058770002e-10;
-  double p = 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  // t's low mantissa bits hold k (t = 1.5 * 2^52 + k): (bits(t) + 1023) << 52 is the bit
-  // pattern of 2^k, with integer operations only (no double -> int64 conversion, which
-  // AVX2 lacks).
-  unsigned long long t_bits;
-  memcpy(&t_bits, &t, sizeof(t_bits));
-  const unsigned long long bits = (t_bits + 1023ULL) << 52;
-  double scale;
-  memcpy(&scale, &bits, sizeof(scale));
-  return x < -708.0 ? 0.0 : p * scale;
-}
-
 // Per-point terms of the E-step. a_i = c_i + h_i d_i^2 are the log joint densities;
 // lse(x) = hi + log(one_plus_e) with e = exp(-|a_1 - a_0|); r1 the responsibility of
 // component 1.
