@@ -4,6 +4,7 @@ allows, and write them beside the thesis's numbers.
     python examples/reproduce_jarn.py mnist              # all MNIST rows
     python examples/reproduce_jarn.py cifar10 --methods standard,jarn
     python examples/reproduce_jarn.py mnist --table-only # rebuild the table from finished runs
+    python examples/reproduce_jarn.py mnist --table-only --sweep 0.1,0.2,0.3  # + margin PGD vs eps
 
 Each row is one run folder under ``runs/repro-<dataset>/<method>`` (resumable: rerun the
 same command after an interruption); the table goes to
@@ -55,6 +56,11 @@ SETUPS: dict[str, dict[str, Any]] = {
             "uniform": {},
             "jarn": dict(jarn_fraction=0.5, disc_every=5, disc_layers=3, disc_width=32,
                          gan_loss="non_saturating", wrt="prob"),
+            # The same JARN with the true-class logit's Jacobian, which does not vanish when
+            # the softmax saturates: it shows whether JARN's robustness survives without
+            # the gradient masking that the "prob" row exhibits.
+            "jarn-logit": dict(method="jarn", jarn_fraction=0.5, disc_every=5, disc_layers=3,
+                               disc_width=32, gan_loss="non_saturating", wrt="logit"),
             "fgsm-at": {},
             "pgd-at": dict(steps=10, alpha=0.075),
         },
@@ -105,7 +111,8 @@ def run_row(dataset: str, method_name: str, seed: int, root: Path, progress: boo
     torch.manual_seed(seed)
     model = build_model(setup["model"], in_channels=split.x_train.shape[1],
                         num_classes=len(split.classes), mean=mean, std=std)
-    method = make_method(method_name, eps=eps, **setup["methods"][method_name])
+    kwargs = dict(setup["methods"][method_name])
+    method = make_method(kwargs.pop("method", method_name), eps=eps, **kwargs)
     augment = None
     if setup["augment"] == "crop-flip":
         def augment(xb: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
@@ -153,13 +160,63 @@ def write_table(dataset: str, rows: list[dict[str, Any]]) -> None:
           f"augment {setup['augment']}; white-box attacks on the first {setup['eval_n']} "
           f"test images: {setup['attacks']} (name, (steps, step size)); PGD with a random "
           "start and early stop (same robust accuracy as without).\n\n"
-          + markdown_table(header, body) + "\n")
+          + markdown_table(header, body) + "\n\nRow settings (beyond each method's defaults):\n\n"
+          + "".join(f"- `{r['method']}`: {setup['methods'].get(r['method'], {}) or 'defaults'}\n"
+                    for r in rows))
     folder = REPO / "docs" / "results"
     write_text_atomic(folder / f"jarn-{dataset}.md", md)
     write_json_atomic(folder / f"jarn-{dataset}.json", {
         "dataset": dataset, "setup": {k: v for k, v in setup.items() if k != "methods"},
         "rows": rows, "thesis": thesis, "machine": dict(machine_info()),
         "date": time.strftime("%Y-%m-%d")})
+    print(md)
+
+
+def sweep(dataset: str, root: Path, radii: list[float], steps: int, seed: int,
+          progress: bool) -> None:
+    """Margin-loss PGD accuracy of every finished row at several radii (pixel units).
+
+    Cached per row in ``<run>/sweep.json``; table in ``docs/results/jarn-<ds>-eps.md``.
+    Step size 2.5 eps / steps (Madry et al.), random start, 1 restart.
+    """
+    setup = SETUPS[dataset]
+    split = load_dataset(dataset, **setup["data"])
+    n = min(setup["eval_n"], split.x_test.shape[0])
+    x, y = split.x_test[:n], split.y_test[:n]
+    mean, std = DATASET_STATS[dataset]
+    rows = []
+    for name in setup["methods"]:
+        folder = root / name
+        if not (folder / "model.pt").exists() or not (folder / "row.json").exists():
+            continue
+        cache_path = folder / "sweep.json"
+        cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+        model = build_model(setup["model"], in_channels=split.x_train.shape[1],
+                            num_classes=len(split.classes), mean=mean, std=std)
+        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        model.eval()
+        accs = {}
+        for eps in radii:
+            key = f"margin-pgd{steps}@{eps:.6g}/n{n}/seed{seed}"
+            if key not in cache:
+                atk = PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps,
+                          early_stop=True, seed=seed, loss="margin")
+                cache[key] = evaluate(model, (x, y), {"m": atk}, eps=eps,
+                                      progress=progress).accuracy["m"]
+                write_json_atomic(cache_path, cache)
+            accs[eps] = cache[key]
+        rows.append([name, *[accs[e] for e in radii]])
+    header = ["method", *[f"ε={e:.4g} %" for e in radii]]
+    md = (f"# Margin-loss PGD{steps} accuracy against ε, {dataset}\n\n"
+          f"Models of `jarn-{dataset}.md` (same run folders); white-box PGD{steps} on the "
+          f"Carlini-Wagner margin loss, step 2.5 ε / {steps}, random start, first {n} test "
+          "images.\n\n" + markdown_table(header, rows) + "\n")
+    folder = REPO / "docs" / "results"
+    write_text_atomic(folder / f"jarn-{dataset}-eps.md", md)
+    write_json_atomic(folder / f"jarn-{dataset}-eps.json", {
+        "dataset": dataset, "steps": steps, "radii": radii, "n_eval": n, "seed": seed,
+        "rows": {r[0]: dict(zip(map(str, radii), r[1:], strict=True)) for r in rows},
+        "machine": dict(machine_info()), "date": time.strftime("%Y-%m-%d")})
     print(md)
 
 
@@ -172,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="runs", help="parent of the run folders")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--sweep", metavar="EPS,...",
+                   help="also tabulate margin-loss PGD accuracy of the finished rows at these "
+                        "radii (pixel units; '8/255' allowed) -> docs/results/jarn-<ds>-eps.md")
+    p.add_argument("--sweep-steps", type=int, default=40)
     args = p.parse_args(argv)
     setup = SETUPS[args.dataset]
     names = args.methods.split(",") if args.methods else list(setup["methods"])
@@ -186,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads((root / n / "row.json").read_text()) for n in setup["methods"]
             if (root / n / "row.json").exists()]
     write_table(args.dataset, rows)
+    if args.sweep:
+        radii = []
+        for tok in args.sweep.split(","):
+            num, _, den = tok.partition("/")
+            radii.append(float(num) / (float(den) if den else 1.0))
+        sweep(args.dataset, root, radii, args.sweep_steps, args.seed, not args.no_progress)
     return 0
 
 

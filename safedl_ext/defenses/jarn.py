@@ -27,6 +27,7 @@ examples with a random start (step 1.25 eps) instead of noisy clean ones.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -199,6 +200,8 @@ class JARN(Method):
         self._fake: Tensor | None = None
         self._real: Tensor | None = None
         self.disc_updates = 0
+        self._zero_ema: float | None = None
+        self._warned_zero = False
 
     # -------------------------------------------------------------- set-up and state
     def setup(self, model: nn.Module, example: Tensor) -> None:
@@ -272,9 +275,22 @@ class JARN(Method):
             adv = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
         self._fake, self._real = fake.detach(), real
         fooled = float((d_fake > 0).float().mean())
+        # Samples whose Jacobian is exactly zero: with wrt="prob" (or "loss") a saturated
+        # softmax underflows the gradient in float32; such samples give the adversarial
+        # term nothing to work with and are the sign of gradient masking.
+        zero = float((g.detach().flatten(1).abs().amax(1) == 0).float().mean())
+        self._zero_ema = zero if self._zero_ema is None else 0.9 * self._zero_ema + 0.1 * zero
+        if self._zero_ema > 0.5 and not self._warned_zero:
+            self._warned_zero = True
+            warnings.warn(
+                f"JARN: about {self._zero_ema:.0%} of the input Jacobians (wrt={cfg.wrt!r}) "
+                "are exactly zero: the softmax saturates and the gradient underflows in "
+                "float32. Cross-entropy attacks will overstate this model's robustness "
+                "(gradient masking); evaluate with loss='margin', or train with wrt='logit'.",
+                RuntimeWarning, stacklevel=2)
         return ce + cfg.lambda_adv * adv, logits, {
             "jarn": 1.0, "ce": float(ce.detach()), "adv": float(adv.detach()),
-            "disc_fooled": fooled}
+            "disc_fooled": fooled, "jacobian_zero": zero}
 
     def after_step(self, model, ctx):
         if self._fake is None or self._real is None:

@@ -155,6 +155,37 @@ def test_jarn_adversarial_term_reaches_the_classifier(digits):
     assert all(p.grad is None for p in m.disc.parameters())
 
 
+def test_jarn_flags_saturated_jacobians(digits, digits_model):
+    """A softmax pushed into saturation (logits x1000) underflows the probability
+    Jacobian to exact zeros: JARN reports it and warns once; the logit Jacobian stays."""
+    import copy
+    import warnings
+
+    model = copy.deepcopy(digits_model).eval()
+    head = model.net[-1]
+    with torch.no_grad():
+        head.weight.mul_(1000.0)
+        head.bias.mul_(1000.0)
+    x, y = digits.x_train[:128], digits.y_train[:128]
+    ctx = StepContext(step=0, total_steps=1, epoch=0, generator=torch.Generator(),
+                      device=torch.device("cpu"))
+    seen = {}
+    for wrt in ("prob", "logit"):
+        m = JARN(JARNConfig(eps=0.0, jarn_fraction=1.0, disc_layers=2, disc_width=8, wrt=wrt))
+        m.setup(model, x[:2])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, logits, logs = m.loss(model, x, y, ctx)
+            m.loss(model, x, y, ctx)
+        seen[wrt] = (logs["jacobian_zero"], [w for w in caught
+                                             if "exactly zero" in str(w.message)])
+    correct = float((logits.argmax(1) == y).float().mean())
+    assert correct > 0.9
+    zero_prob, warned_prob = seen["prob"]
+    assert zero_prob >= 0.8 * correct and len(warned_prob) == 1  # once, not per step
+    assert seen["logit"][0] == 0.0 and not seen["logit"][1]
+
+
 def test_jarn_at1_uses_fgsm_examples(digits):
     torch.manual_seed(0)
     model = DigitsCNN(width=8)
