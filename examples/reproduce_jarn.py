@@ -237,16 +237,22 @@ def main(argv: list[str] | None = None) -> int:
     setup = SETUPS[args.dataset]
     names = args.methods.split(",") if args.methods else list(setup["methods"])
     root = Path(args.runs) / f"repro-{args.dataset}"
-    for name in names:
-        if name not in setup["methods"]:
-            raise SystemExit(f"unknown method {name!r} for {args.dataset}")
-        if not args.table_only:
-            row = run_row(args.dataset, name, args.seed, root, not args.no_progress)
-            print(json.dumps({k: row[k] for k in ("method", "accuracy", "steps")}),
-                  file=sys.stderr)
-    rows = [json.loads((root / n / "row.json").read_text()) for n in setup["methods"]
-            if (root / n / "row.json").exists()]
-    write_table(args.dataset, rows)
+    unknown = [n for n in names if n not in setup["methods"]]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown} for {args.dataset}; "
+                         f"choose from {list(setup['methods'])}")
+
+    def finished_rows() -> list[dict[str, Any]]:
+        return [json.loads((root / n / "row.json").read_text()) for n in setup["methods"]
+                if (root / n / "row.json").exists()]
+
+    for name in [] if args.table_only else names:
+        row = run_row(args.dataset, name, args.seed, root, not args.no_progress)
+        print(json.dumps({k: row[k] for k in ("method", "accuracy", "steps")}),
+              file=sys.stderr)
+        write_table(args.dataset, finished_rows())  # after every row: nothing waits on the last
+    if args.table_only:
+        write_table(args.dataset, finished_rows())
     if args.sweep:
         radii = []
         for tok in args.sweep.split(","):
