@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from safedl_ext.attacks import FGSM, PGD, evaluate
+from safedl_ext.cli import eval_fraction
 from safedl_ext.data import DATASET_STATS, load_dataset, random_crop_flip
 from safedl_ext.defenses import TrainConfig, fit, make_method
 from safedl_ext.models import build_model
@@ -102,15 +103,20 @@ def _attacks(model: Any, eps: float, spec: list, seed: int) -> dict[str, Any]:
     return out
 
 
+def _model(dataset: str, split: Any) -> torch.nn.Module:
+    """The data set's table model, freshly initialised (seed first for reproducibility)."""
+    mean, std = DATASET_STATS[dataset]
+    return build_model(SETUPS[dataset]["model"], in_channels=split.x_train.shape[1],
+                       num_classes=len(split.classes), mean=mean, std=std)
+
+
 def run_row(dataset: str, method_name: str, seed: int, root: Path, progress: bool
             ) -> dict[str, Any]:
     setup = SETUPS[dataset]
     split = load_dataset(dataset, **setup["data"])
     eps = setup["eps"]
-    mean, std = DATASET_STATS[dataset]
     torch.manual_seed(seed)
-    model = build_model(setup["model"], in_channels=split.x_train.shape[1],
-                        num_classes=len(split.classes), mean=mean, std=std)
+    model = _model(dataset, split)
     kwargs = dict(setup["methods"][method_name])
     method = make_method(kwargs.pop("method", method_name), eps=eps, **kwargs)
     augment = None
@@ -183,7 +189,6 @@ def sweep(dataset: str, root: Path, radii: list[float], steps: int, seed: int,
     split = load_dataset(dataset, **setup["data"])
     n = min(setup["eval_n"], split.x_test.shape[0])
     x, y = split.x_test[:n], split.y_test[:n]
-    mean, std = DATASET_STATS[dataset]
     rows = []
     for name in setup["methods"]:
         folder = root / name
@@ -191,8 +196,7 @@ def sweep(dataset: str, root: Path, radii: list[float], steps: int, seed: int,
             continue
         cache_path = folder / "sweep.json"
         cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-        model = build_model(setup["model"], in_channels=split.x_train.shape[1],
-                            num_classes=len(split.classes), mean=mean, std=std)
+        model = _model(dataset, split)
         model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
         model.eval()
         accs = {}
@@ -230,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--sweep", metavar="EPS,...",
+                   type=lambda t: [eval_fraction(v) for v in t.split(",") if v.strip()],
                    help="also tabulate margin-loss PGD accuracy of the finished rows at these "
                         "radii (pixel units; '8/255' allowed) -> docs/results/jarn-<ds>-eps.md")
     p.add_argument("--sweep-steps", type=int, default=40)
@@ -254,11 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_only:
         write_table(args.dataset, finished_rows())
     if args.sweep:
-        radii = []
-        for tok in args.sweep.split(","):
-            num, _, den = tok.partition("/")
-            radii.append(float(num) / (float(den) if den else 1.0))
-        sweep(args.dataset, root, radii, args.sweep_steps, args.seed, not args.no_progress)
+        sweep(args.dataset, root, args.sweep, args.sweep_steps, args.seed,
+              not args.no_progress)
     return 0
 
 

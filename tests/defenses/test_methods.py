@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,9 +161,6 @@ def test_jarn_adversarial_term_reaches_the_classifier(digits):
 def test_jarn_flags_saturated_jacobians(digits, digits_model):
     """A softmax pushed into saturation (logits x1000) underflows the probability
     Jacobian to exact zeros: JARN reports it and warns once; the logit Jacobian stays."""
-    import copy
-    import warnings
-
     model = copy.deepcopy(digits_model).eval()
     head = model.net[-1]
     with torch.no_grad():
