@@ -445,7 +445,8 @@ def _add_train_parser(sub: Any) -> None:
     tr.add_argument("--jarn-fraction", type=float, default=0.25,
                     help="JARN on for this last fraction of steps (thesis 0.25, code 0.125)")
     tr.add_argument("--disc-every", type=int, default=20, help="JARN discriminator interval")
-    tr.add_argument("--disc-layers", type=int, default=5)
+    tr.add_argument("--disc-layers", type=int, default=None,
+                    help="JARN discriminator depth (default: halve the image down to 1x1)")
     tr.add_argument("--disc-width", type=int, default=32)
     tr.add_argument("--jarn-wrt", choices=["loss", "prob", "logit"], default="prob",
                     help="JARN Jacobian: of the true-class probability (authors' code) or of "

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..gradients import input_gradients, normalize_per_sample
 from .methods import Method, StepContext, craft_linf, uniform_noise
 
-__all__ = ["JARN", "Adaptor", "Discriminator", "JARNConfig"]
+__all__ = ["JARN", "Adaptor", "Discriminator", "JARNConfig", "disc_depth"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ class JARNConfig:
         jarn_fraction: last fraction of the optimiser steps with JARN on (thesis 0.25,
             authors' code 0.125; 1.0 = from the start).
         disc_every: discriminator update every n classifier steps (authors' code: 20).
-        disc_layers: stride-2 convolutions in D (authors' code: 5 on 32x32 inputs).
+        disc_layers: stride-2 convolutions in D; ``None`` (default) halves the image down
+            to 1 x 1: 5 on 32 x 32 (the authors' CIFAR-10 code), 4 on MNIST's 28 x 28, 3
+            on digits' 8 x 8 (see :func:`disc_depth`).
         disc_width: channels of D's first convolution, doubled per layer (authors: 32).
         disc_lr: Adam learning rate of D (authors' code: 1e-3).
         wrt: ``"prob"`` (authors' code; default, see the module docstring for why),
@@ -75,7 +77,7 @@ class JARNConfig:
     eps: float = 8 / 255
     jarn_fraction: float = 0.25
     disc_every: int = 20
-    disc_layers: int = 5
+    disc_layers: int | None = None
     disc_width: int = 32
     disc_lr: float = 1e-3
     wrt: Literal["loss", "prob", "logit"] = "prob"
@@ -95,8 +97,9 @@ class JARNConfig:
              f"jarn_fraction must be in (0, 1], got {self.jarn_fraction}")
         need(isinstance(self.disc_every, int) and self.disc_every >= 1,
              f"disc_every must be an int >= 1, got {self.disc_every!r}")
-        need(isinstance(self.disc_layers, int) and self.disc_layers >= 1,
-             f"disc_layers must be an int >= 1, got {self.disc_layers!r}")
+        need(self.disc_layers is None
+             or (isinstance(self.disc_layers, int) and self.disc_layers >= 1),
+             f"disc_layers must be None or an int >= 1, got {self.disc_layers!r}")
         need(isinstance(self.disc_width, int) and self.disc_width >= 1,
              f"disc_width must be an int >= 1, got {self.disc_width!r}")
         need(self.disc_lr > 0, f"disc_lr must be > 0, got {self.disc_lr}")
@@ -131,6 +134,20 @@ class Adaptor(nn.Module):
     def forward(self, j: Tensor) -> Tensor:
         """j: (N, C, H, W) -> (N, C, H, W) in (-1, 1)."""
         return torch.tanh(self.conv(j))
+
+
+def disc_depth(height: int, width: int) -> int:
+    """Stride-2 4x4 convolutions (padding 1) that take an ``height x width`` map to 1 x 1
+    on its smaller side: side -> floor(side / 2) per layer, at least one layer.
+
+    32 -> 16 -> 8 -> 4 -> 2 -> 1 is 5 layers; 28 -> 14 -> 7 -> 3 -> 1 is 4. A deeper stack
+    only adds layers that see a zero-padded 1 x 1 map.
+    """
+    side, layers = min(height, width), 0
+    while side > 1:
+        side //= 2
+        layers += 1
+    return max(layers, 1)
 
 
 class Discriminator(nn.Module):
@@ -209,7 +226,8 @@ class JARN(Method):
             raise ValueError(f"JARN needs (N, C, H, W) images, got {tuple(example.shape)}")
         cfg, channels, device = self.config, example.shape[1], example.device
         self.adaptor = Adaptor(channels).to(device)
-        self.disc = Discriminator(channels, cfg.disc_layers, cfg.disc_width).to(device)
+        layers = cfg.disc_layers or disc_depth(*example.shape[-2:])
+        self.disc = Discriminator(channels, layers, cfg.disc_width).to(device)
         self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr,
                                          betas=(0.5, 0.999))
 

@@ -210,3 +210,21 @@ def test_jarn_adaptor_starts_as_tanh_and_real_images_share_the_jacobians_scale(d
     real = _real_view(digits.x_train[:16], "normalized", "zero_mean_l2").flatten(1)
     torch.testing.assert_close(real.mean(1), torch.zeros(16), atol=1e-6, rtol=0)
     torch.testing.assert_close(real.norm(dim=1), torch.ones(16), atol=1e-5, rtol=0)
+
+
+def test_default_discriminator_halves_the_image_down_to_one_pixel(digits):
+    """By default D gets as many stride-2 convolutions as take the image to 1 x 1 (the
+    authors' 5 on CIFAR-10's 32 x 32, 4 on MNIST, 3 on digits); none sees a padded 1 x 1."""
+    from safedl_ext.defenses.jarn import disc_depth
+
+    assert [disc_depth(s, s) for s in (1, 8, 28, 32)] == [1, 3, 4, 5]
+    assert disc_depth(28, 64) == 4
+    for shape, convs in (((2, 1, 28, 28), 4), ((2, 3, 32, 32), 5), ((2, 1, 8, 8), 3)):
+        m = JARN(JARNConfig(eps=0.1))
+        m.setup(DigitsCNN(width=4), torch.zeros(shape))
+        assert sum(isinstance(c, torch.nn.Conv2d) for c in m.disc.modules()) == convs
+    m = JARN(JARNConfig(eps=0.1, disc_layers=2))
+    m.setup(DigitsCNN(width=4), digits.x_train[:2])
+    assert sum(isinstance(c, torch.nn.Conv2d) for c in m.disc.modules()) == 2
+    with pytest.raises(ValueError, match="disc_layers"):
+        JARNConfig(disc_layers=0)
