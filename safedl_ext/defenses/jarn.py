@@ -237,7 +237,8 @@ class JARN(Method):
     def state_dict(self) -> dict[str, Any]:
         assert self.adaptor is not None and self.disc is not None and self.disc_opt is not None
         return {"adaptor": self.adaptor.state_dict(), "disc": self.disc.state_dict(),
-                "disc_opt": self.disc_opt.state_dict(), "disc_updates": self.disc_updates}
+                "disc_opt": self.disc_opt.state_dict(), "disc_updates": self.disc_updates,
+                "zero_ema": self._zero_ema, "warned_zero": self._warned_zero}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         assert self.adaptor is not None and self.disc is not None and self.disc_opt is not None
@@ -245,6 +246,9 @@ class JARN(Method):
         self.disc.load_state_dict(state["disc"])
         self.disc_opt.load_state_dict(state["disc_opt"])
         self.disc_updates = int(state["disc_updates"])
+        # Checkpoints written before these keys existed resume with a fresh average.
+        self._zero_ema = state.get("zero_ema")
+        self._warned_zero = bool(state.get("warned_zero", False))
 
     def settings(self) -> dict[str, Any]:
         return {"method": self.name, **asdict(self.config)}

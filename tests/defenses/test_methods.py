@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -169,7 +170,7 @@ def test_jarn_flags_saturated_jacobians(digits, digits_model):
     x, y = digits.x_train[:128], digits.y_train[:128]
     ctx = StepContext(step=0, total_steps=1, epoch=0, generator=torch.Generator(),
                       device=torch.device("cpu"))
-    seen = {}
+    seen, methods = {}, {}
     for wrt in ("prob", "logit"):
         m = JARN(JARNConfig(eps=0.0, jarn_fraction=1.0, disc_layers=2, disc_width=8, wrt=wrt))
         m.setup(model, x[:2])
@@ -179,11 +180,25 @@ def test_jarn_flags_saturated_jacobians(digits, digits_model):
             m.loss(model, x, y, ctx)
         seen[wrt] = (logs["jacobian_zero"], [w for w in caught
                                              if "exactly zero" in str(w.message)])
+        methods[wrt] = m
     correct = float((logits.argmax(1) == y).float().mean())
     assert correct > 0.9
     zero_prob, warned_prob = seen["prob"]
     assert zero_prob >= 0.8 * correct and len(warned_prob) == 1  # once, not per step
     assert seen["logit"][0] == 0.0 and not seen["logit"][1]
+    # The running average and the warned flag travel with a checkpoint: a resumed run
+    # does not warn a second time.
+    buf = io.BytesIO()
+    torch.save(methods["prob"].state_dict(), buf)
+    buf.seek(0)
+    resumed = JARN(methods["prob"].config)
+    resumed.setup(model, x[:2])
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert resumed._zero_ema == pytest.approx(methods["prob"]._zero_ema)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.loss(model, x, y, ctx)
+    assert not [w for w in caught if "exactly zero" in str(w.message)]
 
 
 def test_jarn_at1_uses_fgsm_examples(digits):
