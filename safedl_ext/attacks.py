@@ -25,6 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from ._checks import NaNLogitsError
+from ._checks import check_box as _check_box
+from ._checks import check_finite_logits as _check_finite_logits
+from ._checks import check_label_range as _check_label_range
+from ._checks import check_labels as _check_labels
 from ._checks import check_model_input as _check_model_data
 from .report import machine_info, markdown_table, write_json_atomic, write_text_atomic
 
@@ -33,6 +38,7 @@ __all__ = [
     "PGD",
     "Attack",
     "AttackResult",
+    "NaNLogitsError",
     "RobustnessReport",
     "attack_loss",
     "default_attacks",
@@ -40,6 +46,7 @@ __all__ = [
     "fgsm",
     "is_success",
     "pgd",
+    "sample_seeds",
     "transfer_evaluate",
 ]
 
@@ -115,43 +122,6 @@ def is_success(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
 # ------------------------------------------------------------------------- validation
 
 
-def _check_labels(y: Tensor, x: Tensor, name: str = "y") -> None:
-    if not isinstance(y, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of int64 labels, got {type(y).__name__}")
-    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{name} must hold integer class labels, got {y.dtype}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"{name} must have shape ({x.shape[0]},) to match x, got "
-                         f"{tuple(y.shape)}")
-    if y.device != x.device:
-        raise ValueError(f"{name} is on {y.device} but x is on {x.device}")
-    if y.numel() and int(y.min()) < 0:
-        raise ValueError(f"{name} must hold labels >= 0, got {int(y.min())}")
-
-
-def _check_label_range(logits: Tensor, y: Tensor) -> None:
-    if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
-        raise ValueError(f"model must return (N, K) logits with N={y.shape[0]}, got "
-                         f"{tuple(logits.shape)}")
-    k = logits.shape[1]
-    if y.numel() and int(y.max()) >= k:
-        raise ValueError(f"y must hold labels in [0, {k}) for a model with {k} outputs, got "
-                         f"{int(y.max())}")
-
-
-def _check_box(x: Tensor, lo: float, hi: float) -> None:
-    if not lo < hi:
-        raise ValueError(f"lo must be < hi, got lo={lo} hi={hi}")
-    if x.numel() == 0:
-        return
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or Inf")
-    mn, mx = float(x.min()), float(x.max())
-    if mn < lo or mx > hi:
-        raise ValueError(f"x must lie in [lo, hi] = [{lo}, {hi}], got values in [{mn:.4g}, "
-                         f"{mx:.4g}]; models take [0, 1] images (normalize inside the model)")
-
-
 # ------------------------------------------------------------------------ attack loop
 
 
@@ -217,6 +187,7 @@ def pgd(
     generator: torch.Generator | None = None,
     autocast: torch.dtype | None = None,
     memory_format: MemoryFormat = "auto",
+    start_seeds: Tensor | None = None,
 ) -> AttackResult:
     """Projected gradient descent (Madry et al. 2018), L-inf or L2, on the fused step.
 
@@ -237,6 +208,10 @@ def pgd(
             same as without it; only wall time changes.
         lo, hi: the box of valid inputs.
         generator: source of the random start (a CPU generator reproduces on any device).
+        start_seeds: (N,) int64 seeds, one per sample, instead of ``generator``: sample
+            i's random start (all its restarts) is drawn from a CPU generator seeded with
+            ``start_seeds[i]``, so it does not depend on which batch the sample is in or
+            where (see :func:`sample_seeds`).
         autocast: ``torch.float16``/``torch.bfloat16`` to run the model under CUDA autocast.
         memory_format: layout of the iterates the model sees. ``"channels_last"`` (NHWC)
             makes oneDNN convolutions on CPU markedly faster (about 1.7x for a small CNN's
@@ -246,6 +221,10 @@ def pgd(
 
     Returns:
         :class:`AttackResult` with ``x_adv`` (N, ...) and ``success`` (N,) bool.
+
+    Raises:
+        NaNLogitsError: the model returned NaN logits for some samples (they would
+            otherwise count as fooled).
     """
     _check_model_data(model, x)
     _check_labels(y, x)
@@ -264,13 +243,22 @@ def pgd(
         raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
     eps_t = ops.as_budget(eps, "eps", x)
     alpha_t = eps_t / 4 if alpha is None else ops.as_budget(alpha, "alpha", x, positive=True)
+    if start_seeds is not None:
+        if generator is not None:
+            raise ValueError("give generator or start_seeds, not both")
+        if not isinstance(start_seeds, Tensor) or start_seeds.dtype != torch.int64 or \
+                start_seeds.shape != (x.shape[0],):
+            raise ValueError(f"start_seeds must be an int64 tensor of shape ({x.shape[0]},), "
+                             f"got {getattr(start_seeds, 'dtype', type(start_seeds).__name__)}"
+                             f" {tuple(getattr(start_seeds, 'shape', ()))}")
     amp = _autocast_ctx(x, autocast)
     n = x.shape[0]
     if n == 0:
         return AttackResult(x.detach().clone(), torch.zeros(0, dtype=torch.bool, device=x.device))
     with _attack_mode(model):
         return _pgd_loop(model, x.detach(), y, eps_t, alpha_t, steps, norm, random_start,
-                         restarts, targeted, loss, early_stop, lo, hi, generator, amp, fmt)
+                         restarts, targeted, loss, early_stop, lo, hi, generator, amp, fmt,
+                         start_seeds)
 
 
 def _resolve_memory_format(memory_format: str, x: Tensor) -> torch.memory_format | None:
@@ -291,8 +279,35 @@ def _layout(t: Tensor, fmt: torch.memory_format | None) -> Tensor:
     return t if fmt is None else t.contiguous(memory_format=fmt)
 
 
+def sample_seeds(seed: int, index: Tensor) -> Tensor:
+    """(N,) int64 per-sample seeds from one seed and the samples' indices in a data set
+    (SplitMix64 of ``seed`` and ``index``): a sample's random start then depends on the
+    seed and its index alone, not on the batch it is evaluated in."""
+    mask = (1 << 64) - 1
+    out = []
+    for i in index.tolist():
+        z = (int(seed) * 0x9E3779B97F4A7C15 + int(i) + 1) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append((z ^ (z >> 31)) >> 1)  # < 2**63: a valid manual_seed and int64
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def _per_sample_start(x0: Tensor, eps_t: Tensor, norm: str, lo: float, hi: float,
+                      seeds: Tensor, restarts: int) -> Tensor:
+    """Random starts, restart-major like ``x0.repeat(restarts, ...)``, sample i's drawn
+    from a generator seeded with ``seeds[i]``."""
+    parts = []
+    for i, s in enumerate(seeds.tolist()):
+        g = torch.Generator().manual_seed(s)
+        xi = x0[i:i + 1].expand(restarts, *x0.shape[1:])
+        e = eps_t[i:i + 1].expand(restarts) if eps_t.numel() > 1 else eps_t
+        parts.append(ops.random_start(xi, e, norm, lo, hi, g))
+    return torch.stack(parts, 1).reshape(restarts * x0.shape[0], *x0.shape[1:])
+
+
 def _pgd_loop(model, x, y, eps_t, alpha_t, steps, norm, random_start, restarts, targeted,
-              loss, early_stop, lo, hi, generator, amp, fmt) -> AttackResult:
+              loss, early_stop, lo, hi, generator, amp, fmt, start_seeds=None) -> AttackResult:
     n, r = x.shape[0], restarts
     rep = (r,) + (1,) * (x.dim() - 1)
     x0 = _layout(x.repeat(rep) if r > 1 else x, fmt)
@@ -300,7 +315,9 @@ def _pgd_loop(model, x, y, eps_t, alpha_t, steps, norm, random_start, restarts, 
     owner = torch.arange(n, device=x.device).repeat(r)
     eps_s = eps_t.repeat(r) if eps_t.numel() > 1 else eps_t
     alpha_s = alpha_t.repeat(r) if alpha_t.numel() > 1 else alpha_t
-    if random_start:
+    if random_start and start_seeds is not None:
+        xa = _layout(_per_sample_start(x, eps_t, norm, lo, hi, start_seeds, r), fmt)
+    elif random_start:
         xa = _layout(ops.random_start(x0, eps_s, norm, lo, hi, generator), fmt)
     else:
         xa = _layout(x0.clone(), fmt)
@@ -316,6 +333,7 @@ def _pgd_loop(model, x, y, eps_t, alpha_t, steps, norm, random_start, restarts, 
             if not checked_labels:
                 _check_label_range(logits, ys)
                 checked_labels = True
+            _check_finite_logits(logits, owner, "x")
             per = attack_loss(logits, ys, loss, targeted)
             if not last:
                 (grad,) = torch.autograd.grad(per.sum(), xa)
@@ -390,7 +408,10 @@ class Attack:
     def __init__(self, model: Callable[[Tensor], Tensor]) -> None:
         self.model = model
 
-    def __call__(self, x: Tensor, y: Tensor) -> AttackResult:
+    def __call__(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> AttackResult:
+        """Attack ``(x, y)``; ``index`` (N,) gives the samples' positions in the whole
+        data set (0..N-1 if None), which seeded attacks use to draw each sample's
+        randomness, so that results do not depend on the batching."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -404,8 +425,11 @@ class Attack:
 class PGD(Attack):
     """Class form of :func:`pgd`: ``PGD(model, eps=8/255, alpha=2/255, steps=10)(x, y)``.
 
-    ``seed`` (default 0) makes every call reproducible: each call draws its random start
-    from a fresh CPU generator seeded with it. ``seed=None`` uses the global generator.
+    ``seed`` (default 0) makes every call reproducible: sample i's random start is drawn
+    from a CPU generator seeded with ``sample_seeds(seed, index)[i]``, ``index`` being the
+    samples' positions in the data set (``0..N-1`` unless the caller passes them, as
+    :func:`evaluate` does), so a sample gets the same start in any batch. ``seed=None``
+    uses the global generator.
     """
 
     name = "PGD"
@@ -435,11 +459,13 @@ class PGD(Attack):
             hi=hi, autocast=autocast, memory_format=memory_format)
         self.seed = seed
 
-    def __call__(self, x: Tensor, y: Tensor) -> AttackResult:
-        gen = None
+    def __call__(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> AttackResult:
+        seeds = None
         if self.seed is not None:
-            gen = torch.Generator().manual_seed(self.seed)
-        return pgd(self.model, x, y, generator=gen, **self.kwargs)
+            if index is None:
+                index = torch.arange(x.shape[0] if isinstance(x, Tensor) else 0)
+            seeds = sample_seeds(self.seed, index)
+        return pgd(self.model, x, y, start_seeds=seeds, **self.kwargs)
 
     def settings(self) -> dict[str, Any]:
         s = {k: v for k, v in self.kwargs.items() if k != "autocast"}
@@ -469,8 +495,8 @@ class FGSM(Attack):
                                            lo=lo, hi=hi, autocast=autocast,
                                            memory_format=memory_format)
 
-    def __call__(self, x: Tensor, y: Tensor) -> AttackResult:
-        return fgsm(self.model, x, y, **self.kwargs)
+    def __call__(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> AttackResult:
+        return fgsm(self.model, x, y, **self.kwargs)  # deterministic: index unused
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in self.kwargs.items() if k != "autocast"}
@@ -606,18 +632,26 @@ def _run_table(
             xb, yb = xb.to(device), yb.to(device)
         _check_model_data(victim, xb)
         _check_labels(yb, xb)
+        index = torch.arange(n, n + xb.shape[0])
         t0 = time.perf_counter()
         with _attack_mode(victim), torch.no_grad():
-            correct["Clean"] += int((victim(xb).argmax(1) == yb).sum())
+            logits = victim(xb)
+            _check_finite_logits(logits, index, "data")
+            correct["Clean"] += int((logits.argmax(1) == yb).sum())
         seconds["Clean"] += time.perf_counter() - t0
         for name, attack in attacks.items():
             t0 = time.perf_counter()
-            res = attack(xb, yb)
-            if transfer:
-                with _attack_mode(victim), torch.no_grad():
-                    correct[name] += int((victim(res.x_adv).argmax(1) == yb).sum())
-            else:
-                correct[name] += int((~res.success).sum())
+            try:
+                res = attack(xb, yb, index) if isinstance(attack, Attack) else attack(xb, yb)
+                if transfer:
+                    with _attack_mode(victim), torch.no_grad():
+                        adv_logits = victim(res.x_adv)
+                        _check_finite_logits(adv_logits, None, "x")
+                        correct[name] += int((adv_logits.argmax(1) == yb).sum())
+                else:
+                    correct[name] += int((~res.success).sum())
+            except NaNLogitsError as err:
+                raise NaNLogitsError(index[err.rows], f"data under {name}") from None
             seconds[name] += time.perf_counter() - t0
         n += xb.shape[0]
     if n == 0:

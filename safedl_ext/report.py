@@ -1,4 +1,4 @@
-"""Small report helpers: atomic file writes, Markdown tables, run metadata."""
+"""Small report helpers: atomic file writes, safe torch loads, Markdown tables, run metadata."""
 
 from __future__ import annotations
 
@@ -6,33 +6,109 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["machine_info", "markdown_table", "write_bytes_atomic", "write_json_atomic",
-           "write_text_atomic"]
+__all__ = ["load_torch_safe", "machine_info", "markdown_table", "save_torch_atomic",
+           "write_atomic", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``: a reader
-    never sees a half-written file, and an interruption leaves the old file intact."""
+def _umask() -> int:
+    """The process's file-creation mask (read without changing it where Linux allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` through ``write(fh)`` on a temporary file in the same folder, then
+    ``os.replace``: a reader never sees a half-written file, and an interruption leaves
+    the old file intact. The file gets the permissions a plain ``open(path, "w")`` would
+    give (0666 less the umask), not ``mkstemp``'s 0600. Every atomic write of the package
+    (reports, checkpoints, weights, caches) goes through here.
+
+    Raises:
+        OSError: the folder cannot be created or written (the message names the path).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """``data`` written atomically (see :func:`write_atomic`)."""
+    return write_atomic(path, lambda fh: fh.write(data))
+
+
+def save_torch_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    """``torch.save(obj)`` written atomically (see :func:`write_atomic`); read it back
+    with :func:`load_torch_safe`."""
+    return write_atomic(path, lambda fh: torch.save(obj, fh))
+
+
+def load_torch_safe(path: str | os.PathLike[str], *, what: str = "file",
+                    map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file.
+
+    Only tensors, plain containers and numbers load; a pickle that would run code is
+    refused (never retried with ``weights_only=False``).
+
+    Args:
+        path: the file.
+        what: what the file is, for messages (``"checkpoint"``, ``"--model-file"``, ...).
+        map_location: as for ``torch.load``.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: empty, truncated, corrupt, not a
+        torch file, or a pickle that needs code to load; one line naming ``path``.
+    """
+    import pickle
+    import zipfile
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    if p.is_dir():
+        raise ValueError(f"{what} {p} is a folder, not a file")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{what} {p} is empty (0 bytes)")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        import re
+
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        detail = f" (it asks for {found.group(1)})" if found else ""
+        raise ValueError(f"{what} {p} holds objects that would need code to load{detail}; "
+                         "refused: only tensors, numbers and plain containers are "
+                         "loaded") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
+            AttributeError, TypeError, IndexError, MemoryError, OverflowError) as err:
+        msg = " ".join(str(err).split())[:200]
+        raise ValueError(f"{what} {p} is truncated, corrupt or not a torch file "
+                         f"({type(err).__name__}: {msg})") from None
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

@@ -262,3 +262,84 @@ def test_fgsm_at_zero_eps_is_the_clean_prediction(digits, digits_model):
         assert torch.equal(res.success, digits_model(x).argmax(1) != y)
     mixed = A.fgsm(digits_model, x, y, eps=torch.tensor([0.0, 0.2]).repeat(32))
     assert torch.equal(mixed.x_adv[0::2], x[0::2])
+
+
+# ------------------------------------------------- batching independence, NaN logits
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
+def test_evaluate_does_not_depend_on_the_batch_size(digits_model, test_set, norm, eps):
+    """Each sample's random start comes from the seed and its index in the data set, so
+    robust accuracy is the same for any batching (it used to move by 1.5 points)."""
+    attacks = {"PGD5": A.PGD(digits_model, eps=eps, steps=5, norm=norm, early_stop=True)}
+    accs = {bs: A.evaluate(digits_model, test_set, attacks, batch_size=bs,
+                           progress=False).accuracy["PGD5"] for bs in (7, 64, 450)}
+    assert len(set(accs.values())) == 1, accs
+    # The same holds sample by sample: halves with their indices equal the whole.
+    x, y = test_set
+    pgd = A.PGD(digits_model, eps=eps, steps=5, norm=norm)
+    whole = pgd(x, y)
+    half = x.shape[0] // 2
+    a = pgd(x[:half], y[:half], torch.arange(half))
+    b = pgd(x[half:], y[half:], torch.arange(half, x.shape[0]))
+    assert torch.equal(torch.cat([a.success, b.success]), whole.success)
+    assert torch.equal(torch.cat([a.x_adv, b.x_adv]), whole.x_adv)
+
+
+def test_sample_seeds_are_distinct_and_stable():
+    s = A.sample_seeds(0, torch.arange(1000))
+    assert s.dtype == torch.int64 and len(set(s.tolist())) == 1000 and int(s.min()) >= 0
+    assert torch.equal(s[10:20], A.sample_seeds(0, torch.arange(10, 20)))
+    assert not torch.equal(s[:10], A.sample_seeds(1, torch.arange(10)))
+
+
+class _NaNWhere(torch.nn.Module):
+    """The digits CNN, but NaN logits for inputs whose top-left pixel exceeds ``t``."""
+
+    def __init__(self, net: torch.nn.Module, t: float) -> None:
+        super().__init__()
+        self.net, self.t = net, t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        bad = (x[:, 0, 0, 0] > self.t)[:, None]
+        return torch.where(bad, torch.full_like(z, float("nan")), z)
+
+
+def test_nan_logits_are_refused_naming_the_samples(digits_model, test_set):
+    x, y = test_set
+    assert float(x[:, 0, 0, 0].max()) == 0.0  # the digits' corner pixel is always blank
+    x = x.clone()
+    x[[5, 300], 0, 0, 0] = 1.0
+    model = _NaNWhere(digits_model, 0.5)
+    with pytest.raises(A.NaNLogitsError, match=r"2 sample\(s\) of data \(indices 5, 300\)"):
+        A.evaluate(model, (x, y), {}, batch_size=450, progress=False)
+    with pytest.raises(A.NaNLogitsError, match=r"1 sample\(s\) of data \(indices 5\)"):
+        A.evaluate(model, (x, y), {}, batch_size=64, progress=False)  # the first batch
+    # NaN only once the attack moves a marked pixel: the attack refuses too, and
+    # evaluate names the samples by their index in the data set, not in the batch.
+    x, y = test_set
+    x = x.clone()
+    x[:, 0, 0, 7] = 0.0
+    x[[150, 160], 0, 0, 7] = 0.5
+    model = _Moved(digits_model)
+    assert A.evaluate(model, (x, y), {}, progress=False).accuracy["Clean"] > 90
+    with pytest.raises(A.NaNLogitsError, match=r"2 sample\(s\) of x \(indices 0, 10\)"):
+        A.pgd(model, x[150:170], y[150:170], eps=0.1, steps=3)
+    with pytest.raises(A.NaNLogitsError, match=r"of data under PGD3 \(indices 150, 160\)"):
+        A.evaluate(model, (x, y), {"PGD3": A.PGD(model, eps=0.1, steps=3)}, batch_size=100,
+                   progress=False)
+
+
+class _Moved(torch.nn.Module):
+    """NaN logits once pixel (0, 7), which is 0.5 in marked clean images, has moved."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        d = (x[:, 0, 0, 7] - 0.5).abs()
+        bad = ((d > 1e-6) & (d < 0.2))[:, None]
+        return torch.where(bad, torch.full_like(z, float("nan")), z)

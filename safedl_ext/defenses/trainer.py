@@ -10,7 +10,11 @@ in-memory tensors or any iterable of ``(x, y)`` batches (a ``DataLoader``):
   and random starts from one generator whose state is checkpointed.
 - Checkpoints (``OUT/checkpoint.pt``) are written atomically at every epoch end, every
   ``checkpoint_every`` steps and on Ctrl-C; ``resume=True`` continues from one, mid-epoch
-  included, and refuses one written with different settings.
+  included, to the weights an uninterrupted run reaches (tensors, ``TensorLoader`` and
+  ``DataLoader`` alike), and refuses one written with different settings, other training
+  data (count, shapes, a content hash) or another architecture, with one clear message.
+- Inputs are checked as the attacks check them: finite images in [0, 1], integer labels
+  in [0, K) for a model with K outputs.
 - Metrics as JSON lines (``OUT/metrics.jsonl``); the final weights as ``OUT/model.pt``
   (a plain state dict, loadable with ``torch.load(..., weights_only=True)``) and a summary
   ``OUT/train.json``.
@@ -18,11 +22,14 @@ in-memory tensors or any iterable of ``(x, y)`` batches (a ``DataLoader``):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
 import json
 import math
 import os
-import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +38,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..report import machine_info, write_json_atomic, write_text_atomic
+from .._checks import check_box
+from ..report import (
+    load_torch_safe,
+    machine_info,
+    save_torch_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .methods import Method, StepContext
 
 __all__ = ["TrainConfig", "TrainResult", "fit", "load_checkpoint", "save_checkpoint"]
@@ -174,16 +188,127 @@ class _LoaderBatches:
     def __len__(self) -> int:
         return self.n_batches
 
+    def generators(self) -> list[torch.Generator]:
+        """The loader's own generators (shuffle order, worker seeds), deduplicated."""
+        found: list[torch.Generator] = []
+        for owner in (self.loader, getattr(self.loader, "sampler", None),
+                      getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)):
+            g = getattr(owner, "generator", None)
+            if isinstance(g, torch.Generator) and all(g is not h for h in found):
+                found.append(g)
+        return found
+
     def epoch(self, e: int, skip: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(e)  # DistributedSampler
+        for owner in (self.loader, getattr(self.loader, "sampler", None)):
+            if hasattr(owner, "set_epoch"):
+                owner.set_epoch(e)  # TensorLoader, DistributedSampler
         for b, batch in enumerate(self.loader):
-            if b < skip:
-                continue
             if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
                 raise TypeError("each training batch must be an (x, y) pair")
+            if b < skip:
+                continue
             yield batch[0], batch[1]
+
+
+def _rng_state(batches: Any) -> dict[str, Any]:
+    """The random state a pass over ``batches`` draws from: torch's global generator and
+    the loader's own generators (a DataLoader draws its shuffle and worker seeds there)."""
+    gens = batches.generators() if isinstance(batches, _LoaderBatches) else []
+    return {"torch": torch.get_rng_state(), "loader": [g.get_state() for g in gens]}
+
+
+def _set_rng_state(batches: Any, state: dict[str, Any], loader_too: bool = True) -> None:
+    torch.set_rng_state(state["torch"].to("cpu"))
+    gens = batches.generators() if isinstance(batches, _LoaderBatches) else []
+    if loader_too and len(gens) == len(state["loader"]):
+        for g, st in zip(gens, state["loader"], strict=True):
+            g.set_state(st.to("cpu"))
+
+
+@contextlib.contextmanager
+def _rng_untouched(batches: Any) -> Iterator[None]:
+    """Run a look at the data (the setup batch) without consuming randomness."""
+    state = _rng_state(batches)
+    try:
+        yield
+    finally:
+        _set_rng_state(batches, state)
+
+
+# ------------------------------------------------------------------ digests
+
+
+def _tensor_digest(t: Tensor) -> str:
+    """A cheap content hash: shape, dtype, up to 65,536 evenly spaced elements and the
+    float64 sums of all elements and of their absolute values."""
+    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}".encode())
+    flat = t.detach().reshape(-1)
+    if flat.numel():
+        step = max(1, flat.numel() // 65536)
+        sample = flat[::step].to("cpu", torch.float64 if flat.is_floating_point() else
+                                 torch.int64).contiguous()
+        h.update(sample.numpy().tobytes())
+        wide = flat.double() if flat.is_floating_point() else flat.long()
+        h.update(f"{float(wide.sum())}|{float(wide.abs().sum())}".encode())
+    return h.hexdigest()[:16]
+
+
+def _data_digest(train: Any) -> dict[str, Any]:
+    """What the training data is, to refuse resuming on other data: the count, shapes,
+    dtypes and (for tensors, ``TensorLoader`` and ``DataLoader`` over a ``TensorDataset``)
+    a content hash; other loaders give their lengths and the element shapes only."""
+    from torch.utils.data import TensorDataset
+
+    tensors: tuple[Tensor, ...] | None = None
+    info: dict[str, Any] = {}
+    if isinstance(train, (tuple, list)) and len(train) == 2 and all(
+            isinstance(t, Tensor) for t in train):
+        tensors, info["form"] = tuple(train), "tensors"
+    elif isinstance(getattr(train, "x", None), Tensor) and isinstance(
+            getattr(train, "y", None), Tensor):
+        tensors, info["form"] = (train.x, train.y), type(train).__name__
+    elif isinstance(getattr(train, "dataset", None), TensorDataset):
+        tensors, info["form"] = tuple(train.dataset.tensors), type(train).__name__
+    else:
+        info["form"] = type(train).__name__
+        ds = getattr(train, "dataset", None)
+        with contextlib.suppress(TypeError):
+            info["n"] = len(ds) if ds is not None else None  # type: ignore[arg-type]
+    if tensors is not None:
+        info["n"] = int(tensors[0].shape[0])
+        info["shapes"] = [list(t.shape[1:]) for t in tensors]
+        info["dtypes"] = [str(t.dtype) for t in tensors]
+        info["hash"] = hashlib.sha256("|".join(_tensor_digest(t) for t in tensors).encode()
+                                      ).hexdigest()[:16]
+    return info
+
+
+def _model_digest(model: nn.Module) -> dict[str, Any]:
+    """The architecture: class, parameter count, and a hash of the state dict's names,
+    shapes and dtypes."""
+    sd = model.state_dict()
+    spec = "|".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in sd.items())
+    return {"class": type(model).__qualname__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "hash": hashlib.sha256(spec.encode()).hexdigest()[:16]}
+
+
+def _describe_data(d: dict[str, Any]) -> str:
+    shapes = " and ".join(f"{tuple(s)} {t.removeprefix('torch.')}"
+                          for s, t in zip(d.get("shapes", []), d.get("dtypes", []),
+                                          strict=False))
+    text = f"{d.get('n')} samples" + (f" of {shapes}" if shapes else "")
+    return text + (f", content hash {d['hash']}" if "hash" in d else "") + f" ({d['form']})"
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k, "<unset>"), new.get(k, "<unset>"),
+                                f"{path}.{k}" if path else str(k))
+        return out
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
 def _as_batches(train: Any, cfg: TrainConfig):
@@ -200,17 +325,28 @@ def _as_batches(train: Any, cfg: TrainConfig):
                     f"such as a DataLoader, got {type(train).__name__}")
 
 
-def _check_batch(x: Tensor, y: Tensor, model_device: torch.device, dtype: torch.dtype
+def _check_batch(x: Tensor, y: Tensor, model_device: torch.device, dtype: torch.dtype,
+                 num_classes: int | None = None, what: str = "training"
                  ) -> tuple[Tensor, Tensor]:
+    """Types, shapes, finite values in [0, 1] and labels in [0, num_classes): the checks
+    the attacks make (``safedl_ext._checks``), so a [0, 255] image or an out-of-range label
+    fails here with a clear message instead of training badly or in torch's IndexError."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"training inputs must be a float tensor, got "
+        raise TypeError(f"{what} inputs must be a float tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
     if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16,
                                                      torch.uint8, torch.int8):
-        raise TypeError(f"training labels must be an integer tensor, got "
+        raise TypeError(f"{what} labels must be an integer tensor, got "
                         f"{getattr(y, 'dtype', type(y).__name__)}")
     if y.shape != (x.shape[0],):
-        raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        raise ValueError(f"{what} labels must have shape ({x.shape[0]},), got "
+                         f"{tuple(y.shape)}")
+    check_box(x, 0.0, 1.0, f"{what} inputs")
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"{what} labels must be >= 0, got {int(y.min())}")
+    if num_classes is not None and y.numel() and int(y.max()) >= num_classes:
+        raise ValueError(f"{what} labels must be in [0, {num_classes}) for a model with "
+                         f"{num_classes} outputs, got {int(y.max())}")
     return x.to(model_device, dtype, non_blocking=True), y.to(model_device).long()
 
 
@@ -261,29 +397,53 @@ def _optimizer(params: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Op
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
     """``torch.save`` through a temporary file and ``os.replace``: an interruption never
-    leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    leaves a half-written checkpoint (:func:`safedl_ext.report.save_torch_atomic`)."""
+    return save_torch_atomic(path, state)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Raises:
+        ValueError: an empty, truncated or corrupt file, one that is not a checkpoint, or
+            a pickle that needs code to load (the message names the file).
+    """
+    state = load_torch_safe(path, what="checkpoint", map_location=map_location)
+    need = ("settings", "step", "model", "optimizer", "scheduler", "scaler", "method",
+            "generator", "torch_rng")
+    if not isinstance(state, dict) or any(k not in state for k in need):
+        missing = [k for k in need if not isinstance(state, dict) or k not in state]
+        raise ValueError(f"checkpoint {path} is not a safedl_ext training checkpoint "
+                         f"(missing {', '.join(missing)})")
+    return state
 
 
 def _settings(cfg: TrainConfig, method: Method) -> dict[str, Any]:
     return json.loads(json.dumps({"train": asdict(cfg), "method": method.settings()},
                                  default=str))
+
+
+def _check_resume(path: Path, state: dict[str, Any], settings: dict[str, Any],
+                  data: dict[str, Any], arch: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another run, naming what differs, in one line."""
+    hint = "use another out_dir, or resume=False (the CLI's --no-resume) to start over"
+    if state["settings"] != settings:
+        diff = "; ".join(_differences(state["settings"], settings)[:6])
+        raise ValueError(f"{path} was written with other settings ({diff}); {hint}")
+    if "arch" not in state or "data" not in state:
+        warnings.warn(f"{path} predates data and architecture digests; resuming without "
+                      "checking that the data and the model are the same", stacklevel=3)
+        return
+    if state["arch"] != arch:
+        old, new = state["arch"], arch
+        raise ValueError(f"{path} was written for another architecture ({old['class']}, "
+                         f"{old['parameters']} parameters, hash {old['hash']}; now "
+                         f"{new['class']}, {new['parameters']} parameters, hash "
+                         f"{new['hash']}); {hint}")
+    if state["data"] != data:
+        raise ValueError(f"{path} was written for other training data "
+                         f"({_describe_data(state['data'])}; now {_describe_data(data)}); "
+                         f"{hint}")
 
 
 # -------------------------------------------------------------------------- fit
@@ -309,12 +469,16 @@ def fit(
             stays on its device and dtype; batches are moved there.
         method: the loss of a step (:mod:`~safedl_ext.defenses.methods`, JARN).
         train: ``(x, y)`` tensors (x: (N, ...) in [0, 1]; y: (N,) int64) batched by the
-            trainer, or an iterable of ``(x, y)`` batches with a length (a DataLoader).
+            trainer, or an iterable of ``(x, y)`` batches with a length (a
+            :class:`~safedl_ext.data.TensorLoader` or a ``DataLoader``; ``set_epoch`` is
+            called before every pass when the loader or its sampler has one).
         config: :class:`TrainConfig` (defaults if ``None``).
         test: ``(x, y)`` tensors; clean accuracy is measured after every epoch.
         out_dir: where checkpoints, metrics and the final weights go (nothing is written
             when ``None``).
-        resume: continue from ``out_dir/checkpoint.pt`` when it exists (same settings).
+        resume: continue from ``out_dir/checkpoint.pt`` when it exists; it must have been
+            written with the same settings, the same training data and the same
+            architecture (else ``ValueError``).
         augment: ``augment(x, generator) -> x`` applied to each training batch (e.g.
             :func:`safedl_ext.data.random_crop_flip`).
         progress: show a tqdm bar.
@@ -323,6 +487,10 @@ def fit(
 
     Returns:
         :class:`TrainResult`.
+
+    Raises:
+        ValueError: bad data (non-finite or outside [0, 1], labels outside [0, K)), or a
+            checkpoint in ``out_dir`` from another run; TypeError: wrong types.
     """
     from tqdm.auto import tqdm
 
@@ -343,10 +511,24 @@ def fit(
     ckpt_path = out / "checkpoint.pt" if out is not None else None
     metrics_path = out / "metrics.jsonl" if out is not None else None
 
+    if test is not None and not (isinstance(test, (tuple, list)) and len(test) == 2):
+        raise TypeError("test must be an (x, y) pair of tensors")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    first_x, first_y = next(iter(batches.epoch(0)))
-    first_x, _ = _check_batch(first_x, first_y, device, dtype)
+    with _rng_untouched(batches):  # the look at the first batch consumes no randomness
+        first_x, first_y = next(iter(batches.epoch(0)))
+        first_x, _ = _check_batch(first_x, first_y, device, dtype)
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            num_classes = int(model(first_x[:1]).shape[-1])
+        model.train(was)
+    if isinstance(batches, _TensorBatches):  # all of it, before any work
+        _check_batch(batches.x, batches.y, batches.x.device, batches.x.dtype, num_classes)
+    else:
+        _check_batch(first_x, first_y, device, dtype, num_classes)
+    if test is not None:
+        _check_batch(test[0], test[1], test[0].device, test[0].dtype, num_classes, "test")
     model.train()
     method.setup(model, first_x[: min(2, first_x.shape[0])])
     groups = [{"params": params}]
@@ -357,24 +539,27 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, total))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
     settings = _settings(cfg, method)
+    data_digest, model_digest = _data_digest(train), _model_digest(model)
 
     step = 0
     resumed: int | None = None
     history: list[dict[str, Any]] = []
+    epoch_rng = _rng_state(batches)  # where the current epoch's pass started
     if ckpt_path is not None and resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
-        if state["settings"] != settings:
-            raise ValueError(f"{ckpt_path} was written with different settings; use another "
-                             f"out_dir or resume=False.\n checkpoint: {state['settings']}\n "
-                             f"now: {settings}")
+        _check_resume(ckpt_path, state, settings, data_digest, model_digest)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         method.load_state_dict(state["method"])
         gen.set_state(state["generator"].to("cpu"))
-        torch.set_rng_state(state["torch_rng"].to("cpu"))
         step = resumed = int(state["step"])
+        if "loader_rng" in state:  # a loader's own generators, as at the checkpoint
+            _set_rng_state(batches, state["loader_rng"])
+        if "epoch_rng" in state and step % per_epoch:
+            epoch_rng = state["epoch_rng"]
+        torch.set_rng_state(state["torch_rng"].to("cpu"))
         if metrics_path is not None and metrics_path.exists():
             lines = metrics_path.read_text().splitlines()
             history = [json.loads(ln) for ln in lines if ln.strip()]
@@ -386,10 +571,12 @@ def fit(
         if ckpt_path is None:
             return
         save_checkpoint(ckpt_path, {
-            "settings": settings, "step": step, "model": model.state_dict(),
+            "settings": settings, "data": data_digest, "arch": model_digest, "step": step,
+            "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "method": method.state_dict(),
-            "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "loader_rng": _rng_state(batches), "epoch_rng": epoch_rng})
 
     def log(rec: dict[str, Any]) -> None:
         history.append(rec)
@@ -413,10 +600,20 @@ def fit(
             model.train()
             t_epoch = time.perf_counter()
             eval_seconds = 0.0
-            for xb, yb in batches.epoch(epoch, skip):
+            if skip:  # mid-epoch resume: replay the pass from its start, then skip
+                now_rng = _rng_state(batches)
+                _set_rng_state(batches, epoch_rng)
+                pass_iter = batches.epoch(epoch, skip)
+                first = next(pass_iter, None)
+                _set_rng_state(batches, now_rng, loader_too=False)
+                pass_iter = itertools.chain([] if first is None else [first], pass_iter)
+            else:
+                epoch_rng = _rng_state(batches)
+                pass_iter = batches.epoch(epoch)
+            for xb, yb in pass_iter:
                 if step >= stop_at:
                     break
-                xb, yb = _check_batch(xb, yb, device, dtype)
+                xb, yb = _check_batch(xb, yb, device, dtype, num_classes)
                 if augment is not None:
                     xb = augment(xb, gen)
                 ctx = StepContext(step=step, total_steps=total, epoch=epoch, generator=gen,
@@ -471,9 +668,7 @@ def fit(
     if test is not None and test_acc is None:
         test_acc = _accuracy(model, test, device, dtype)
     if out is not None and step >= total:
-        tmp = out / ".model.pt.tmp"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, out / "model.pt")
+        save_torch_atomic(out / "model.pt", model.state_dict())
         write_json_atomic(out / "train.json", {
             "settings": settings, "steps": step, "seconds_this_run": round(train_seconds, 2),
             "resumed_from": resumed, "test_accuracy": test_acc, "machine": dict(machine_info())})

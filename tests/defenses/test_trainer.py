@@ -84,7 +84,7 @@ def test_resume_refuses_other_settings(digits, tmp_path):
     data = (digits.x_train, digits.y_train)
     fit(_model(), Standard(), data, config=CFG, out_dir=tmp_path, progress=False, max_steps=3)
     other = TrainConfig(**{**CFG.__dict__, "lr": 1e-3})
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"other settings \(train.lr: 0.002 -> 0.001\)"):
         fit(_model(), Standard(), data, config=other, out_dir=tmp_path, progress=False)
     # resume=False starts afresh
     res = fit(_model(), Standard(), data, config=other, out_dir=tmp_path, progress=False,
@@ -138,3 +138,130 @@ def test_fit_errors(digits):
         JARN(JARNConfig(jarn_fraction=0.0))
     with pytest.raises(ValueError, match="method must be one of"):
         make_method("adversarial")
+
+
+# ------------------------------------------- resume: other data, other model, every form
+
+
+def test_resume_refuses_other_data_and_another_architecture(digits, tmp_path):
+    """A run folder belongs to one data set and one architecture: resuming it with
+    fewer samples, other content or another model is refused in one line (it used to
+    resume, skip training and write model.pt, or die in load_state_dict)."""
+    data = (digits.x_train, digits.y_train)
+    fit(_model(), Standard(), data, config=CFG, out_dir=tmp_path, progress=False, max_steps=3)
+    n = digits.x_train.shape[0]
+    with pytest.raises(ValueError, match=rf"other training data \({n} samples of \(1, 8, 8\)"
+                       r".*now 700 samples") as err:
+        fit(_model(), Standard(), (digits.x_train[:700], digits.y_train[:700]), config=CFG,
+            out_dir=tmp_path, progress=False)
+    assert "\n" not in str(err.value) and "resume=False" in str(err.value)
+    flipped = digits.x_train.flip(-1)  # same count and shapes, other content
+    with pytest.raises(ValueError, match="other training data"):
+        fit(_model(), Standard(), (flipped, digits.y_train), config=CFG, out_dir=tmp_path,
+            progress=False)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"another architecture \(DigitsCNN, \d+ parameters"):
+        fit(DigitsCNN(width=16), Standard(), data, config=CFG, out_dir=tmp_path,
+            progress=False)
+    assert not (tmp_path / "model.pt").exists()
+    # The same data and model resume.
+    res = fit(_model(), Standard(), data, config=CFG, out_dir=tmp_path, progress=False)
+    assert res.resumed_from == 3 and (tmp_path / "model.pt").exists()
+
+
+def test_checkpoint_without_digests_resumes_with_a_warning(digits, tmp_path):
+    data = (digits.x_train, digits.y_train)
+    fit(_model(), Standard(), data, config=CFG, out_dir=tmp_path, progress=False, max_steps=3)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for k in ("data", "arch", "loader_rng", "epoch_rng"):
+        del state[k]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.warns(UserWarning, match="predates data and architecture digests"):
+        res = fit(_model(), Standard(), data, config=CFG, out_dir=tmp_path, progress=False)
+    assert res.resumed_from == 3
+
+
+def _forms(digits):
+    """Every data form fit accepts, each built afresh (as a rerun of a script would)."""
+    from safedl_ext.data import TensorLoader, random_crop_flip
+
+    x, y = digits.x_train, digits.y_train
+    ds = torch.utils.data.TensorDataset(x, y)
+    return {
+        "tensors": lambda: (x, y),
+        "tensor-loader": lambda: TensorLoader(
+            x, y, 64, drop_last=True, seed=3,
+            transform=lambda xb, g: random_crop_flip(xb, padding=1, generator=g)),
+        "dataloader-generator": lambda: torch.utils.data.DataLoader(
+            ds, batch_size=64, shuffle=True, drop_last=True,
+            generator=torch.Generator().manual_seed(7)),
+        "dataloader-global-rng": lambda: torch.utils.data.DataLoader(
+            ds, batch_size=64, shuffle=True, drop_last=True),
+    }
+
+
+@pytest.mark.parametrize("form", ["tensors", "tensor-loader", "dataloader-generator",
+                                  "dataloader-global-rng"])
+@pytest.mark.parametrize("stop", [27, 42])  # mid-epoch, and at an epoch end (21 per epoch)
+def test_every_data_form_resumes_to_the_same_weights(digits, tmp_path, form, stop):
+    make = _forms(digits)[form]
+    method = lambda: make_method("uniform", eps=0.1)  # noqa: E731 (noise from the generator)
+    full = fit(_model(), method(), make(), config=CFG, progress=False)
+    out = tmp_path / "run"
+    fit(_model(), method(), make(), config=CFG, out_dir=out, progress=False, max_steps=stop)
+    done = fit(_model(seed=5), method(), make(), config=CFG, out_dir=out, progress=False)
+    assert done.resumed_from == stop and done.steps == full.steps
+    diff = max(float((p - q).abs().max())
+               for p, q in zip(_weights(full.model), _weights(done.model), strict=True))
+    assert diff == 0.0, f"{form}: resumed weights differ by {diff:.3g}"
+
+
+def test_tensor_loader_epochs_differ_and_follow_set_epoch(digits):
+    """fit calls set_epoch before every pass: epoch e's order is the loader's epoch e, not
+    shifted by the setup's look at the first batch."""
+    from safedl_ext.data import TensorLoader
+
+    x, y = digits.x_train, digits.y_train
+    seen: list[torch.Tensor] = []
+
+    class Spy(TensorLoader):
+        def __iter__(self):
+            e = self.epoch
+            for xb, yb in super().__iter__():
+                seen.append(torch.tensor([e, int(yb[0])]))
+                yield xb, yb
+
+    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 2})
+    fit(_model(), Standard(), Spy(x, y, 64, drop_last=True, seed=1), config=cfg, progress=False)
+    per = len(y) // 64
+    epochs = [int(t[0]) for t in seen]
+    assert epochs == [0] + [0] * per + [1] * per  # the setup's look, then epochs 0 and 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("x255", r"training inputs must lie in \[lo, hi\] = \[0.0, 1.0\].*\[0, 16"),
+    ("nan", "training inputs contains NaN"),
+    ("label", r"training labels must be in \[0, 10\) for a model with 10 outputs, got 10"),
+    ("negative", "training labels must be >= 0"),
+])
+@pytest.mark.parametrize("form", ["tensors", "dataloader"])
+def test_fit_checks_its_inputs_as_the_attacks_do(digits, bad, match, form):
+    x, y = digits.x_train.clone(), digits.y_train.clone()
+    if bad == "x255":
+        x = x * 16  # the digits' 0..16 grey levels, unscaled
+    elif bad == "nan":
+        x[-1, 0, 3, 3] = float("nan")
+    elif bad == "label":
+        y[-1] = 10
+    else:
+        y[-1] = -1
+    data = (x, y) if form == "tensors" else torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=len(y))
+    with pytest.raises(ValueError, match=match):
+        fit(_model(), Standard(), data, config=CFG, progress=False)
+
+
+def test_fit_checks_the_test_split(digits):
+    with pytest.raises(ValueError, match=r"test inputs must lie in"):
+        fit(_model(), Standard(), (digits.x_train, digits.y_train), config=CFG,
+            test=(digits.x_test * 255, digits.y_test), progress=False)
