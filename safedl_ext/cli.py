@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,33 +27,100 @@ import torch
 __all__ = ["main"]
 
 
-def _floats(text: str) -> list[float]:
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``safedl train: error: argument --epochs: ...``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def eval_fraction(text: str) -> float:
+    """``"8/255"`` or ``"0.1"`` as a finite float.
+
+    Raises:
+        ValueError: not a number, a zero denominator, or an infinite or NaN value.
+    """
+    text = text.strip()
     try:
-        out = [float(eval_fraction(t)) for t in text.split(",") if t.strip()]
+        if "/" in text:
+            num, den = text.split("/", 1)
+            d = float(den)
+            if d == 0:
+                raise ValueError(f"{text!r} divides by zero")
+            value = float(num) / d
+        else:
+            value = float(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+        if "divides by zero" in str(exc):
+            raise
+        raise ValueError(f"expected a number or a fraction such as 8/255, got {text!r}"
+                         ) from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _number(kind: str, lo: float, *, open_lo: bool = False, hi: float | None = None,
+            name: str = "value") -> Any:
+    """An argparse ``type=`` that parses an int or a fraction and checks its range."""
+
+    def parse(text: str) -> float | int:
+        try:
+            if kind == "int":
+                value: float | int = int(text.strip())
+            else:
+                value = eval_fraction(text)
+        except ValueError as exc:
+            msg = str(exc) if kind != "int" else f"expected an integer, got {text!r}"
+            raise argparse.ArgumentTypeError(msg) from None
+        if value < lo or (open_lo and value == lo) or (hi is not None and value > hi):
+            rng = f"> {lo:g}" if open_lo else f">= {lo:g}"
+            rng += f" and <= {hi:g}" if hi is not None else ""
+            raise argparse.ArgumentTypeError(f"{name} must be {rng}, got {text.strip()}")
+        return value
+
+    parse.__name__ = kind  # argparse names the type in some messages
+    return parse
+
+
+_POS_INT = _number("int", 1)
+_NONNEG = _number("float", 0.0)
+_POS = _number("float", 0.0, open_lo=True)
+_EPS = _number("float", 0.0, name="eps")
+
+
+def _floats(text: str) -> list[float]:
+    out = [_EPS(t) for t in text.split(",") if t.strip()]
     if not out:
         raise argparse.ArgumentTypeError("expected a comma-separated list of numbers")
     return out
 
 
-def eval_fraction(text: str) -> float:
-    """``"8/255"`` or ``"0.1"`` as a float."""
-    text = text.strip()
-    if "/" in text:
-        num, den = text.split("/", 1)
-        return float(num) / float(den)
-    return float(text)
-
-
 def _ints(text: str) -> list[int]:
-    try:
-        out = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    if not out or min(out) < 1:
+    out = [_POS_INT(t) for t in text.split(",") if t.strip()]
+    if not out:
         raise argparse.ArgumentTypeError("expected a comma-separated list of positive ints")
     return out
+
+
+def _device(text: str) -> str:
+    """A torch device that exists here (``cpu``, ``cuda``, ``cuda:1``)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu or cuda:0, got "
+                                         f"{text!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text}: CUDA is not available here (torch {torch.__version__}, "
+                f"{'a CPU build' if torch.version.cuda is None else 'no GPU visible'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    return text
 
 
 def _cmd_info(_: argparse.Namespace) -> int:
@@ -74,25 +143,41 @@ def _standard_digits_model(args: argparse.Namespace, out: Path) -> tuple[Any, An
     """
     from .data import load_digits
     from .models import DigitsCNN
+    from .report import load_torch_safe, save_torch_atomic
     from .training import train_classifier
 
     torch.manual_seed(args.seed)
     data = load_digits(seed=args.seed)
     model = DigitsCNN(width=args.width)
     ckpt = Path(args.checkpoint) if args.checkpoint else out / "model.pt"
+    if args.checkpoint and not ckpt.exists() and not args.retrain:
+        raise FileNotFoundError(f"--checkpoint not found: {ckpt} (add --retrain to train a "
+                                "model and save it there)")
     if ckpt.exists() and not args.retrain:
-        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+        state = load_torch_safe(ckpt, what="--checkpoint" if args.checkpoint else "checkpoint")
+        _load_state(model, state, ckpt, f"DigitsCNN(width={args.width})")
         print(f"loaded {ckpt}", file=sys.stderr)
         return model.eval(), data, 0.0
     t0 = time.perf_counter()
     train_classifier(model, data.x_train, data.y_train, epochs=args.epochs, lr=args.lr,
                      seed=args.seed, progress=not args.no_progress)
     train_s = time.perf_counter() - t0
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.with_suffix(".pt.tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(ckpt)  # atomic: an interrupted save never leaves a broken checkpoint
+    save_torch_atomic(ckpt, model.state_dict())  # an interrupted save leaves no broken file
     return model.eval(), data, train_s
+
+
+def _load_state(model: torch.nn.Module, state: Any, path: Path, what: str) -> None:
+    """``model.load_state_dict(state)`` with one clear error when it does not fit."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise ValueError(f"{path} must hold a state_dict (names -> tensors), got "
+                         f"{type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(ln.strip() for ln in first[1:3]) if len(first) > 1 else first[0]
+        raise ValueError(f"{path} does not fit {what}: {detail[:300]}") from None
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -147,10 +232,10 @@ def _viz_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, lis
 
         x, y = load_cifar10_jpeg(args.data, per_class=args.per_class, seed=args.seed)
         return x, y, list(CIFAR10_CLASSES)
+    from .report import load_torch_safe
+
     path = Path(args.data)
-    if not path.exists():
-        raise FileNotFoundError(f"--data file not found: {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = load_torch_safe(path, what="--data")
     if not (isinstance(blob, dict) and isinstance(blob.get("x"), torch.Tensor)
             and isinstance(blob.get("y"), torch.Tensor)):
         raise ValueError(f"--data {path} must hold a dict with tensors 'x' (N, C, H, W) in "
@@ -166,15 +251,15 @@ def _load_model_file(spec: str, arch: str, width: int, in_channels: int,
     A state_dict of a :class:`~safedl_ext.models.Normalized` network (keys ``mean``, ``std``
     and ``model.*``) is rebuilt wrapped in ``Normalized``."""
     from .models import DigitsCNN, Normalized, SmallCNN
+    from .report import load_torch_safe
 
     name, sep, file = spec.partition("=")
     if not sep:
         name, file = Path(spec).stem, spec
     path = Path(file)
-    if not path.exists():
-        raise FileNotFoundError(f"--model-file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
+    state = load_torch_safe(path, what="--model-file")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
         raise ValueError(f"--model-file {path} must hold a state_dict, got "
                          f"{type(state).__name__}")
     if arch == "digits-cnn":
@@ -185,11 +270,8 @@ def _load_model_file(spec: str, arch: str, width: int, in_channels: int,
             k in ("mean", "std") or k.startswith("model.") for k in state):
         c = state["mean"].numel()
         net = Normalized(net, [0.0] * c, [1.0] * c)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"--model-file {path} does not fit --arch {arch} --width {width} "
-                         f"(num_classes {num_classes}): {exc}") from exc
+    _load_state(net, state, path, f"--arch {arch} --width {width} (num_classes "
+                f"{num_classes})")
     return name, net.eval()
 
 
@@ -250,12 +332,14 @@ def _cmd_viz(args: argparse.Namespace) -> int:
 
 def _add_standard_model_args(p: argparse.ArgumentParser) -> None:
     """Options of the standard digits CNN that ``evaluate`` and ``viz`` train or load."""
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", help="state_dict to load (default OUT/model.pt if present)")
-    p.add_argument("--retrain", action="store_true", help="train even if a checkpoint exists")
+    p.add_argument("--epochs", type=_POS_INT, default=15, help="training epochs (>= 1)")
+    p.add_argument("--lr", type=_POS, default=2e-3, help="Adam learning rate (> 0)")
+    p.add_argument("--width", type=_POS_INT, default=32, help="CNN width (channels, >= 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, training, attacks")
+    p.add_argument("--checkpoint", help="state_dict to load (weights only); it must exist "
+                   "unless --retrain. Default OUT/model.pt, trained and saved when absent")
+    p.add_argument("--retrain", action="store_true",
+                   help="train even if a checkpoint exists, and save to --checkpoint")
 
 
 def _add_viz_parser(sub: Any) -> None:
@@ -263,12 +347,13 @@ def _add_viz_parser(sub: Any) -> None:
                         description="gradients: input gradients of each model side by side; "
                         "surface: loss along the adversarial and a random direction; eps: "
                         "accuracy against eps for FGSM and PGD.")
-    vz.add_argument("what", choices=["gradients", "surface", "eps"])
+    vz.add_argument("what", choices=["gradients", "surface", "eps"],
+                    help="which picture: gradients, surface or eps")
     vz.add_argument("--dataset", choices=["digits", "cifar10", "tensors"], default="digits",
                     help="digits (built in), cifar10 (--data: a JPEG test archive) or tensors "
                     "(--data: a torch.save'd dict {'x': (N,C,H,W) in [0,1], 'y': (N,)})")
     vz.add_argument("--data", help="data file for --dataset cifar10 or tensors")
-    vz.add_argument("--per-class", type=int, default=10,
+    vz.add_argument("--per-class", type=_POS_INT, default=10,
                     help="cifar10: images per class to read")
     vz.add_argument("--model-file", action="append", metavar="[NAME=]PATH",
                     help="state_dict to load (weights_only); repeat for several models. "
@@ -276,27 +361,29 @@ def _add_viz_parser(sub: Any) -> None:
     vz.add_argument("--arch", choices=_ARCHS,
                     help="architecture of --model-file (default digits-cnn for digits, "
                     "small-cnn otherwise)")
-    vz.add_argument("--n", type=int, help="images to use (default 8 gradients, 3 surface, "
+    vz.add_argument("--n", type=_POS_INT, help="images to use (default 8 gradients, 3 surface, "
                     "all for eps)")
     vz.add_argument("--wrt", choices=["loss", "prob", "logit"], default="loss",
                     help="gradients: of what")
     vz.add_argument("--scaling", choices=["symmetric", "minmax", "abs"], default="symmetric",
                     help="gradients: per-image display scaling")
-    vz.add_argument("--eps", type=eval_fraction, default=0.25,
+    vz.add_argument("--eps", type=_POS, default=0.25,
                     help="surface: half-width of the grid (pixel units)")
-    vz.add_argument("--grid-steps", type=int, default=21, help="surface: points per axis")
-    vz.add_argument("--kind", choices=["surface", "contour"], default="surface")
+    vz.add_argument("--grid-steps", type=_number("int", 2), default=21,
+                    help="surface: points per axis (>= 2)")
+    vz.add_argument("--kind", choices=["surface", "contour"], default="surface",
+                    help="surface: a 3-D surface or a contour plot")
     vz.add_argument("--clip", action="store_true", help="surface: keep grid points in [0, 1]")
     vz.add_argument("--eps-values", type=_floats,
                     default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3],
                     help="eps: comma-separated increasing radii, e.g. 0,2/255,4/255,8/255")
     vz.add_argument("--attacks", type=lambda t: [a.strip() for a in t.split(",") if a.strip()],
                     default=["fgsm", "pgd"], help="eps: comma-separated, from fgsm,pgd")
-    vz.add_argument("--pgd-steps", type=int, default=10, help="eps: PGD iterations")
+    vz.add_argument("--pgd-steps", type=_POS_INT, default=10, help="eps: PGD iterations")
     _add_standard_model_args(vz)
     vz.add_argument("--out", default="runs/digits", help="folder for the PNG and JSON "
                     "(and model.pt of the default model)")
-    vz.add_argument("--no-progress", action="store_true")
+    vz.add_argument("--no-progress", action="store_true", help="no progress bars")
     vz.set_defaults(fn=_cmd_viz)
 
 
@@ -355,7 +442,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     split = _load_split(args)
     c = split.x_train.shape[1]
     k = len(split.classes)
-    arch = args.model or d["model"]
+    arch = d["model"] if args.model is None else args.model
     mean, std = DATASET_STATS[args.dataset]
     torch.manual_seed(args.seed)
     model = build_model(arch, in_channels=c, num_classes=k, mean=mean, std=std).to(device)
@@ -372,10 +459,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          disc_width=args.disc_width, wrt=args.jarn_wrt)
     method = make_method(args.method, eps=eps, **method_kw)
     attacks = None if args.attacks == "none" else _parse_attacks(
-        args.attacks or d["attacks"], model, eps, args.pgd_alpha, args.seed)  # fail early
+        d["attacks"] if args.attacks is None else args.attacks, model, eps, args.pgd_alpha,
+        args.seed)  # fail early
+    def given(name: str) -> Any:  # None means "not given": 0 is a value, not a default
+        value = getattr(args, name)
+        return d[name] if value is None else value
+
     cfg = TrainConfig(
-        epochs=args.epochs or d["epochs"], batch_size=args.batch_size or d["batch_size"],
-        optimizer=args.optimizer or d["optimizer"], lr=args.lr or d["lr"],
+        epochs=given("epochs"), batch_size=given("batch_size"),
+        optimizer=given("optimizer"), lr=given("lr"),
         weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
         amp=args.amp, log_every=args.log_every)
     augment = None
@@ -386,12 +478,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         def augment(xb: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
             return random_crop_flip(xb, padding=pad, flip=flip, generator=g)
 
-    write_json_atomic(out / "model.json", {"arch": arch, "in_channels": c, "num_classes": k,
-                                          "mean": list(mean), "std": list(std),
-                                          "dataset": args.dataset, "classes": split.classes})
     res = fit(model, method, (split.x_train.to(device), split.y_train.to(device)), config=cfg,
               test=(split.x_test, split.y_test), out_dir=out, resume=not args.no_resume,
               augment=augment, progress=not args.no_progress)
+    # Beside model.pt, once fit has accepted (or refused) the run folder's checkpoint.
+    write_json_atomic(out / "model.json", {"arch": arch, "in_channels": c, "num_classes": k,
+                                          "mean": list(mean), "std": list(std),
+                                          "dataset": args.dataset, "classes": split.classes})
     print(f"{args.method} {arch} on {args.dataset}: clean test accuracy "
           f"{100 * (res.test_accuracy or 0):.2f}% after {res.steps} steps "
           f"({res.seconds:.1f} s this run)", file=sys.stderr)
@@ -422,51 +515,66 @@ def _add_train_parser(sub: Any) -> None:
                         "CIFAR-10 (checkpointed every epoch; rerun the same command to resume), "
                         "then measure Clean/FGSM/PGD-k accuracy. Unset options take per-data-"
                         "set defaults sized for a few minutes on a CPU.")
-    tr.add_argument("--method", choices=METHOD_NAMES, default="jarn")
-    tr.add_argument("--dataset", choices=list(_DATASET_DEFAULTS), default="digits")
+    tr.add_argument("--method", choices=METHOD_NAMES, default="jarn",
+                    help="the defence (default jarn)")
+    tr.add_argument("--dataset", choices=list(_DATASET_DEFAULTS), default="digits",
+                    help="digits (built in), mnist or cifar10 (from --data)")
     tr.add_argument("--data", help="data folder (default $SAFEDL_DATA or ../shared/data)")
-    tr.add_argument("--limit", type=int, help="mnist: images to use (stratified)")
-    tr.add_argument("--train-per-class", type=int, help="cifar10: training images per class")
-    tr.add_argument("--test-per-class", type=int, help="cifar10: test images per class")
+    tr.add_argument("--limit", type=_number("int", 10), help="mnist: images to use "
+                    "(stratified, >= 10)")
+    tr.add_argument("--train-per-class", type=_POS_INT,
+                    help="cifar10: training images per class")
+    tr.add_argument("--test-per-class", type=_POS_INT, help="cifar10: test images per class")
     tr.add_argument("--model", help=f"architecture, one of {', '.join(MODEL_NAMES)} or "
                     "wrn-<depth>-<k>")
-    tr.add_argument("--eps", type=eval_fraction, help="radius in pixel units, e.g. 8/255")
-    tr.add_argument("--epochs", type=int)
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--optimizer", choices=["sgd", "adam"])
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--weight-decay", type=float, default=0.0)
-    tr.add_argument("--schedule", choices=["constant", "step", "cosine"], default="constant")
-    tr.add_argument("--augment", choices=["none", "flip", "crop-flip"], default="none")
-    tr.add_argument("--pgd-steps", type=int, default=7, help="pgd-at / trades inner steps")
-    tr.add_argument("--lam", type=float, default=1.0, help="double-backprop weight")
-    tr.add_argument("--beta", type=float, default=6.0, help="trades weight")
-    tr.add_argument("--lambda-adv", type=float, default=1.0, help="JARN adversarial weight")
-    tr.add_argument("--jarn-fraction", type=float, default=0.25,
+    tr.add_argument("--eps", type=_EPS, help="radius in pixel units, e.g. 8/255 (>= 0; "
+                    "default per data set)")
+    tr.add_argument("--epochs", type=_POS_INT, help="epochs (default per data set)")
+    tr.add_argument("--batch-size", type=_POS_INT, help="batch size (default per data set)")
+    tr.add_argument("--optimizer", choices=["sgd", "adam"],
+                    help="optimiser (default per data set)")
+    tr.add_argument("--lr", type=_POS, help="peak learning rate (> 0; default per data set)")
+    tr.add_argument("--weight-decay", type=_NONNEG, default=0.0, help="L2 weight decay")
+    tr.add_argument("--schedule", choices=["constant", "step", "cosine"], default="constant",
+                    help="learning-rate schedule")
+    tr.add_argument("--augment", choices=["none", "flip", "crop-flip"], default="none",
+                    help="training augmentation (crop-flip: 4-pixel shifts and flips)")
+    tr.add_argument("--pgd-steps", type=_POS_INT, default=7,
+                    help="pgd-at / trades inner steps")
+    tr.add_argument("--lam", type=_NONNEG, default=1.0, help="double-backprop weight")
+    tr.add_argument("--beta", type=_NONNEG, default=6.0, help="trades weight")
+    tr.add_argument("--lambda-adv", type=_NONNEG, default=1.0, help="JARN adversarial weight")
+    tr.add_argument("--jarn-fraction", type=_number("float", 0.0, open_lo=True, hi=1.0),
+                    default=0.25,
                     help="JARN on for this last fraction of steps (thesis 0.25, code 0.125)")
-    tr.add_argument("--disc-every", type=int, default=20, help="JARN discriminator interval")
-    tr.add_argument("--disc-layers", type=int, default=None,
+    tr.add_argument("--disc-every", type=_POS_INT, default=20,
+                    help="JARN discriminator interval")
+    tr.add_argument("--disc-layers", type=_POS_INT, default=None,
                     help="JARN discriminator depth (default: halve the image down to 1x1)")
-    tr.add_argument("--disc-width", type=int, default=32)
+    tr.add_argument("--disc-width", type=_POS_INT, default=32,
+                    help="JARN discriminator width (channels of its first layer)")
     tr.add_argument("--jarn-wrt", choices=["loss", "prob", "logit"], default="prob",
                     help="JARN Jacobian: of the true-class probability (authors' code) or of "
                     "the loss (thesis text; opposite sign after normalisation)")
     tr.add_argument("--attacks", help="after training, e.g. fgsm,pgd5,pgd40 ('none': skip)")
-    tr.add_argument("--pgd-alpha", type=eval_fraction, help="PGD step (default eps/4)")
-    tr.add_argument("--eval-n", type=int, help="test images to attack (default all)")
-    tr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    tr.add_argument("--pgd-alpha", type=_POS, help="PGD step (default eps/4)")
+    tr.add_argument("--eval-n", type=_POS_INT, help="test images to attack (default all)")
+    tr.add_argument("--device", type=_device,
+                    default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda[:N] (default cuda when available)")
     tr.add_argument("--amp", choices=["bf16", "fp16"], help="CUDA mixed precision")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--log-every", type=int, default=50)
+    tr.add_argument("--seed", type=int, default=0, help="seed of data, model and training")
+    tr.add_argument("--log-every", type=_POS_INT, default=50, help="steps per metrics line")
     tr.add_argument("--out", help="run folder (default runs/<dataset>-<method>)")
-    tr.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--no-resume", action="store_true",
+                    help="start over, ignoring (and replacing) an existing checkpoint")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.set_defaults(fn=_cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="safedl", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="safedl", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backend, CUDA kernels, versions").set_defaults(fn=_cmd_info)
     ev = sub.add_parser("evaluate", help="robustness table of a standard CNN")
@@ -477,20 +585,45 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=_ints, default=[5, 10, 20], help="PGD step counts")
     _add_standard_model_args(ev)
     ev.add_argument("--out", default="runs/digits", help="folder for model.pt and reports")
-    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(fn=_cmd_evaluate)
     _add_train_parser(sub)
     _add_viz_parser(sub)
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Every error is one line on stderr and a non-zero exit: 2 for bad
+    arguments, data or files, 1 for anything unexpected (``SAFEDL_DEBUG=1`` shows its
+    traceback), 130 on Ctrl-C (long commands checkpoint first; rerun to resume)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.fn(args))
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"safedl: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("safedl: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as exc:
+        if os.environ.get("SAFEDL_DEBUG"):
+            raise
+        print(f"safedl: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if os.environ.get("SAFEDL_DEBUG"):
+            raise
+        print(f"safedl: error: {type(exc).__name__}: {_one_line(exc)[:500]} (set "
+              "SAFEDL_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

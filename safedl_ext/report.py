@@ -100,13 +100,15 @@ def load_torch_safe(path: str | os.PathLike[str], *, what: str = "file",
         import re
 
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        detail = f" (it asks for {found.group(1)})" if found else ""
-        raise ValueError(f"{what} {p} holds objects that would need code to load{detail}; "
-                         "refused: only tensors, numbers and plain containers are "
-                         "loaded") from None
+        if found is None:  # not a refusal: bytes that are no pickle torch can read
+            raise ValueError(f"{what} {p} is truncated, corrupt or not a torch file "
+                             "(unreadable pickle)") from None
+        raise ValueError(f"{what} {p} holds objects that would need code to load (it asks "
+                         f"for {found.group(1)}); refused: only tensors, numbers and plain "
+                         "containers are loaded") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, TypeError, IndexError, MemoryError, OverflowError) as err:
-        msg = " ".join(str(err).split())[:200]
+        msg = " ".join(str(err).split()).split(". ")[0][:160]
         raise ValueError(f"{what} {p} is truncated, corrupt or not a torch file "
                          f"({type(err).__name__}: {msg})") from None
 
