@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .images import check_tar_member, decode_tar_member, list_tar_members, open_tar
 from .split import TensorSplit
 
 __all__ = ["CIFAR10_CLASSES", "default_cache_dir", "load_cifar10", "load_cifar10_jpeg"]
@@ -28,6 +29,8 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck")
 
 _CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes
+_MEMBER_MAX_BYTES = 1 << 20  # a 32 x 32 JPEG is ~1-3 KB; metadata may add some
+_MAX_MEMBERS = 200_000  # the archives hold 50,000 / 10,000 images and a few folders
 
 
 def default_cache_dir() -> Path:
@@ -38,24 +41,31 @@ def default_cache_dir() -> Path:
 
 def _decode_cifar10_archive(archive: Path, per_class: int | None,
                             seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode (a seeded per-class subset of) a JPEG archive.
+    """Decode (a seeded per-class subset of) a JPEG archive, through the checks of
+    :mod:`.images`: every ``<class>/<name>.jpg`` member is a regular file of at most
+    ``_MEMBER_MAX_BYTES`` bytes (checked on all of them before any is read); each chosen
+    one is read in chunks and must declare exactly 32 x 32 pixels in mode RGB or L (grey,
+    repeated into three channels) before it is decoded.
 
     Returns:
         x: (N, 3, 32, 32) uint8; y: (N,) int64. Classes in label order, and within a class
         the member names in sorted order.
+
+    Raises:
+        ValueError: not a gzip-compressed tar archive, no ``<class>/<name>.jpg`` members,
+            or a bad member (named with the archive).
     """
-    import io
+    import itertools
     import random
     import tarfile
 
-    from PIL import Image
-
-    with tarfile.open(archive, "r:gz") as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")]
+    with open_tar(archive) as tar:
+        members = list_tar_members(tar, archive, max_members=_MAX_MEMBERS)
         by_class: dict[int, list[tarfile.TarInfo]] = {}
         for m in members:
             parts = m.name.split("/")
-            if len(parts) < 3 or parts[-2] not in CIFAR10_CLASSES:
+            if not m.name.endswith(".jpg") or len(parts) < 3 or \
+                    parts[-2] not in CIFAR10_CLASSES:
                 continue
             by_class.setdefault(CIFAR10_CLASSES.index(parts[-2]), []).append(m)
         if not by_class:
@@ -64,20 +74,25 @@ def _decode_cifar10_archive(archive: Path, per_class: int | None,
         chosen: list[tuple[str, int]] = []
         for label in sorted(by_class):
             names = sorted(m.name for m in by_class[label])
+            dup = next((a for a, b in itertools.pairwise(names) if a == b), None)
+            if dup is not None:
+                raise ValueError(f"{archive}: member {dup!r} appears more than once")
             if per_class is not None and per_class < len(names):
                 names = sorted(rng.sample(names, per_class))
             chosen.extend((n, label) for n in names)
-        wanted = {n for n, _ in chosen}
-        images: dict[str, np.ndarray] = {}
-        for m in members:
-            if m.name in wanted:
-                fh = tar.extractfile(m)
-                assert fh is not None
-                img = Image.open(io.BytesIO(fh.read())).convert("RGB")
-                images[m.name] = np.asarray(img, dtype=np.uint8)
-    x = np.stack([images[n] for n, _ in chosen]).transpose(0, 3, 1, 2)
+        for ms in by_class.values():  # every image member's header, before decoding any
+            for m in ms:
+                check_tar_member(archive, m, max_bytes=_MEMBER_MAX_BYTES)
+        row = {n: i for i, (n, _) in enumerate(chosen)}
+        picked = [m for ms in by_class.values() for m in ms if m.name in row]
+        x = np.empty((len(chosen), 32, 32, 3), dtype=np.uint8)
+        for m in sorted(picked, key=lambda m: m.offset):  # archive order: forward reads
+            x[row[m.name]] = decode_tar_member(
+                tar, m, archive, max_bytes=_MEMBER_MAX_BYTES, size=(32, 32),
+                size_note=" (CIFAR-10)", max_pixels=32 * 32, modes=("RGB", "L"),
+                formats=("JPEG",))
     y = np.array([label for _, label in chosen], dtype=np.int64)
-    return np.ascontiguousarray(x), y
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y
 
 
 def _to_float(x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -96,7 +111,9 @@ def load_cifar10_jpeg(
 ) -> tuple[Tensor, Tensor]:
     """CIFAR-10 from one JPEG archive (members ``<split>/<class>/<NNNN>.jpg``), no cache.
 
-    Reads the ``.tar.gz`` directly (no extraction) and decodes with Pillow.
+    Reads the ``.tar.gz`` directly (no extraction) and decodes with Pillow, safely: each
+    chosen member must be a regular file of at most 1 MiB, and must declare exactly 32 x 32
+    pixels in mode RGB or L (grey, repeated into three channels) before it is decoded.
 
     Args:
         archive: path to ``cifar10-train-jpeg.tar.gz`` or ``cifar10-test-jpeg.tar.gz``.
@@ -105,6 +122,12 @@ def load_cifar10_jpeg(
 
     Returns:
         x: (N, 3, 32, 32) float32 in [0, 1]; y: (N,) int64, index into ``CIFAR10_CLASSES``.
+
+    Raises:
+        FileNotFoundError: no such archive.
+        ValueError: a corrupt or truncated archive, or a bad member (not a regular file,
+            too large, corrupt or truncated JPEG, not 32 x 32, another mode); the message
+            names the archive and the member.
     """
     path = Path(archive)
     if not path.exists():
@@ -205,6 +228,10 @@ def load_cifar10(
     Returns:
         :class:`TensorSplit` with x of shape (N, 3, 32, 32) float32 in [0, 1], labels index
         into ``CIFAR10_CLASSES``; images sorted by class, then by member name.
+
+    Raises:
+        FileNotFoundError: an archive is missing.
+        ValueError: bad arguments, or a bad archive or member, as :func:`load_cifar10_jpeg`.
     """
     _check_per_class("train_per_class", train_per_class)
     _check_per_class("test_per_class", test_per_class)

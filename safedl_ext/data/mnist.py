@@ -11,61 +11,78 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .images import read_at_most
 from .split import TensorSplit
 
-__all__ = ["IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "load_mnist_idx", "read_idx"]
+__all__ = ["IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "IDX_MAX_BYTES", "load_mnist_idx", "read_idx"]
 
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (N, rows, cols)
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (N,)
+IDX_MAX_BYTES = 2**30  # default cap on an IDX file's declared data bytes
 
 
-def read_idx(path: str | os.PathLike[str], *, magic: int | None = None) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str], *, magic: int | None = None,
+             max_bytes: int = IDX_MAX_BYTES) -> np.ndarray:
     """Read an unsigned-byte IDX file (LeCun's MNIST format), ``.gz`` or plain.
 
     The header is a big-endian 32-bit magic number (two zero bytes, the type code 0x08 for
     unsigned bytes, the number of dimensions) followed by one big-endian 32-bit size per
     dimension; the data follow, exactly as many bytes as the sizes multiply to.
 
+    The header is read first; then at most the declared number of data bytes plus one (to
+    tell an over-long file), in chunks: neither a header declaring huge dimensions nor a
+    gzip stream that inflates without end (a gzip bomb) takes more memory than the data
+    actually there, up to ``max_bytes``.
+
     Args:
         path: the file; a name ending in ``.gz`` is decompressed.
         magic: the magic number required (2051 for images, 2049 for labels), or None to
             accept any unsigned-byte IDX file.
+        max_bytes: refuse a header declaring more data bytes than this (default 1 GiB;
+            MNIST's training images are 47 MB).
 
     Returns:
-        uint8 array with the header's dimensions (a read-only view of the file's bytes).
+        uint8 array with the header's dimensions (a view of the bytes read).
 
     Raises:
-        ValueError: a corrupt, truncated or over-long file, or the wrong magic number; the
-            message names the file.
+        ValueError: a corrupt, truncated or over-long file, the wrong magic number, or
+            declared dimensions beyond ``max_bytes``; the message names the file.
     """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
     p = Path(path)
+    opener = gzip.open if p.name.endswith(".gz") else open
     try:
-        if p.name.endswith(".gz"):
-            with gzip.open(p, "rb") as fh:
-                data = fh.read()
-        else:
-            data = p.read_bytes()
+        with opener(p, "rb") as fh:
+            head = read_at_most(fh, 4)
+            if len(head) < 4:
+                raise ValueError(f"{p}: truncated IDX file ({len(head)} bytes, no header)")
+            got = int.from_bytes(head, "big")
+            if magic is not None and got != magic:
+                raise ValueError(f"{p}: IDX magic number must be {magic}, got {got}")
+            if head[0] != 0 or head[1] != 0 or head[2] != 0x08 or head[3] == 0:
+                raise ValueError(f"{p}: not an unsigned-byte IDX file (magic number {got})")
+            ndim = head[3]
+            sizes = read_at_most(fh, 4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise ValueError(f"{p}: truncated IDX header ({4 + len(sizes)} bytes, "
+                                 f"{4 + 4 * ndim} expected)")
+            dims = tuple(int.from_bytes(sizes[4 * i:4 * i + 4], "big") for i in range(ndim))
+            expected = math.prod(dims)
+            if expected > max_bytes:
+                raise ValueError(f"{p}: the IDX header declares dimensions {dims} "
+                                 f"({expected:,} bytes of data), more than max_bytes="
+                                 f"{max_bytes:,}")
+            data = read_at_most(fh, expected + 1)
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise ValueError(f"{p}: corrupt or truncated IDX file ({err})") from err
-    if len(data) < 4:
-        raise ValueError(f"{p}: truncated IDX file ({len(data)} bytes, no header)")
-    got = int.from_bytes(data[:4], "big")
-    if magic is not None and got != magic:
-        raise ValueError(f"{p}: IDX magic number must be {magic}, got {got}")
-    if data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] == 0:
-        raise ValueError(f"{p}: not an unsigned-byte IDX file (magic number {got})")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{p}: truncated IDX header ({len(data)} bytes, {header} expected)")
-    dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    expected = math.prod(dims)
-    found = len(data) - header
+    found = len(data)
     if found != expected:
-        what = "truncated" if found < expected else "over-long"
+        what, holds = (("truncated", str(found)) if found < expected
+                       else ("over-long", f"more than {expected}"))
         raise ValueError(f"{p}: {what} IDX file: the header gives dimensions {dims} "
-                         f"({expected} bytes of data), the file holds {found}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+                         f"({expected} bytes of data), the file holds {holds}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _find(folder: Path, prefix: str, kind: str, ndim: int) -> Path | None:

@@ -33,7 +33,13 @@ the sums (float32 state: relative differences ~1e-6; ``dtype=torch.float64``: ~1
 Bitwise identity is not promised: floating-point sums depend on their order. Give
 ``sample_ids`` when the order may change; the default numbers rows in arrival order.
 Partial states merge by addition (Gram) or concatenation (sketch): :meth:`merge_`,
-:meth:`state_dict`.
+:meth:`state_dict`; :meth:`load_state_dict` checks a state's structure before it takes it.
+
+Checks: sample ids must be unique within a class, in both modes (one error); the second
+passes (:meth:`project`, :meth:`refine`) must see exactly the rows :meth:`update` counted,
+by count and by sample id (gram mode keeps no ids, only a per-class fingerprint of them
+that merges by addition); rows whose squared norms would overflow the state are refused
+when they arrive, with the advice to scale them or use float64.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ _BUFFER_BYTES = 128 * 2**20
 _PROJECT_CHUNK_BYTES = 64 * 2**20
 _KRYLOV_WIDTH = 160
 _DENSE_EIGH = 256
+_ENERGY_MARGIN = 16.0
+_FP_PRIME = 2**31 - 1
 _F64 = torch.float64
 
 
@@ -176,37 +184,107 @@ def _orient(vectors: Tensor) -> Tensor:
 
 
 def _check_batch(rows: Tensor, class_ids: Tensor, sample_ids: Tensor | None, d: int,
-              num_classes: int) -> None:
+                 num_classes: int) -> Tensor:
+    """Check one batch; return its rows' Euclidean norms, (B,) float64 (for the overflow
+    check of :func:`_check_energy`)."""
     if not isinstance(rows, Tensor):
         raise TypeError(f"rows must be a tensor, got {type(rows).__name__}")
     if rows.dim() != 2 or rows.shape[1] != d:
         raise ValueError(f"rows must have shape (B, {d}), got {tuple(rows.shape)}")
     if not rows.is_floating_point():
         raise TypeError(f"rows must be a floating-point tensor, got {rows.dtype}")
-    if not isinstance(class_ids, Tensor) or class_ids.dtype.is_floating_point or \
-            class_ids.dtype == torch.bool:
-        raise TypeError("class_ids must be an integer tensor, got "
-                        f"{getattr(class_ids, 'dtype', type(class_ids).__name__)}")
-    if tuple(class_ids.shape) != (rows.shape[0],):
-        raise ValueError(f"class_ids must have shape ({rows.shape[0]},), got "
-                         f"{tuple(class_ids.shape)}")
+    _check_ids("class_ids", class_ids, rows.shape[0])
+    norms = rows.new_zeros(rows.shape[0], dtype=_F64)
     if rows.shape[0]:
         lo, hi = int(class_ids.min()), int(class_ids.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"class_ids must be in [0, {num_classes}), got values in "
                              f"[{lo}, {hi}]")
-        # Row sums are non-finite when a row holds NaN/Inf (or overflows): check those rows
-        # exactly. torch.isfinite(rows) on the whole batch would cost ~1.7x the batch in
+        # A row's norm is non-finite when it holds NaN/Inf or when its squared norm
+        # overflows: check those rows exactly, and redo their norms in float64.
+        # torch.isfinite(rows) on the whole batch would cost ~1.7x the batch in
         # temporaries (260 MB at 256 x 150,528).
-        bad = ~torch.isfinite(rows.sum(dim=1))
-        if bool(bad.any()) and not bool(torch.isfinite(rows[bad]).all()):
-            raise ValueError("rows must be finite, got NaN or Inf")
+        norms = torch.linalg.vector_norm(rows.detach(), dim=1).to(_F64)
+        bad = ~torch.isfinite(norms)
+        if bool(bad.any()):
+            sub = rows.detach()[bad]
+            if not bool(torch.isfinite(sub).all()):
+                raise ValueError("rows must be finite, got NaN or Inf")
+            norms[bad] = torch.linalg.vector_norm(sub.to(_F64), dim=1)
     if sample_ids is not None:
-        if not isinstance(sample_ids, Tensor) or sample_ids.dtype.is_floating_point:
-            raise TypeError("sample_ids must be an integer tensor")
-        if tuple(sample_ids.shape) != (rows.shape[0],):
-            raise ValueError(f"sample_ids must have shape ({rows.shape[0]},), got "
-                             f"{tuple(sample_ids.shape)}")
+        _check_ids("sample_ids", sample_ids, rows.shape[0])
+    return norms
+
+
+def _check_ids(name: str, ids: object, n: int) -> None:
+    if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex \
+            or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}")
+    if tuple(ids.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(ids.shape)}")
+
+
+def _energy_limit(dtype: torch.dtype) -> float:
+    """Largest per-class sum of squared row norms a state of ``dtype`` accumulates safely:
+    every Gram entry, every eigensolver product and every partial sum on the way is
+    bounded by it (the margin covers centring)."""
+    return torch.finfo(dtype).max / _ENERGY_MARGIN
+
+
+def _check_energy(energy: Tensor, dtype: torch.dtype, what: str) -> None:
+    """Refuse (before the state changes) a class whose squared norms would overflow."""
+    limit = _energy_limit(dtype)
+    over = torch.nonzero(~(energy <= limit)).flatten()
+    if over.numel():
+        c = int(over[0])
+        hint = ("divide the rows by a common scale (for example their largest norm: the "
+                "singular vectors do not change, singular values and projections scale "
+                "with it)")
+        if dtype != _F64:
+            hint += " or use dtype=torch.float64"
+        raise ValueError(f"class {c}: the rows' squared norms {what} sum to "
+                         f"{float(energy[c]):.3g}, beyond what a {dtype} state holds without "
+                         f"overflow ({limit:.3g}); {hint}")
+
+
+def _id_fingerprint(ids: Tensor) -> Tensor:
+    """A per-id hash in [0, 2^31 - 1) (int64; exact integer arithmetic, no overflow).
+
+    Summed per class, it is a fingerprint of the *set* of sample ids that merges by
+    addition like the Gram state: two different sets of ids agree with probability about
+    5e-10. Gram mode keeps no ids, so this is how :meth:`StreamingSVD.project` is checked
+    against :meth:`StreamingSVD.update`.
+    """
+    p = _FP_PRIME
+    ids = ids.to(torch.int64)
+    a = torch.remainder(ids, p)
+    b = torch.remainder(torch.div(ids, p, rounding_mode="floor"), p)
+    h = torch.remainder(a * 1_000_003 + b * 69_069 + 12_345, p)
+    h = torch.remainder(h * h, p)
+    h = torch.remainder(h * 48_271 + a, p)
+    return torch.remainder(h * h, p)
+
+
+def _check_unique_ids(c: int, sorted_ids: Tensor, where: str) -> None:
+    """One message for a sample id repeated within a class, in every mode."""
+    if sorted_ids.numel() > 1:
+        dup = torch.nonzero(sorted_ids[1:] == sorted_ids[:-1]).flatten()
+        if dup.numel():
+            raise ValueError(f"class {c}: sample id {int(sorted_ids[int(dup[0])])} given more "
+                             f"than once to {where}; sample ids must be unique within a class")
+
+
+def _check_same_rows(c: int, where: str, n: int, fingerprint: int, f: dict) -> None:
+    """A second pass over class ``c`` saw the rows the first pass counted (by count and by
+    sample-id fingerprint)."""
+    if n != f["count"]:
+        raise ValueError(f"class {c}: {where} saw {n} rows, update() counted {f['count']}; "
+                         "pass every row of the first pass once, with the sample ids given "
+                         "to update()")
+    if fingerprint != f["id_hash"]:
+        raise ValueError(f"class {c}: {where} saw sample ids that update() did not (same "
+                         f"count, {n}); pass the sample ids given to update()")
 
 
 class StreamingSVD:
@@ -288,6 +366,10 @@ class StreamingSVD:
         self._final: dict[int, dict] | None = None
         self._proj: list[tuple[Tensor, Tensor, Tensor]] = []
         self.counts = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
+        # Per class: sum of squared norms of what the state accumulates (float64), for the
+        # overflow check; rows projected so far in the current second pass.
+        self._energy = torch.zeros(num_classes, dtype=_F64, device=self.device)
+        self._proj_seen = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
         if mode == "gram":
             need = num_classes * dim * dim * torch.finfo(dtype).bits // 8
             if need > _GRAM_MAX_BYTES:
@@ -305,6 +387,7 @@ class StreamingSVD:
             self.sums = torch.zeros((num_classes, dim), **kw)
             self._buffer = torch.zeros((num_classes, buffer_rows, dim), **kw)
             self._fill = torch.zeros(num_classes, dtype=torch.int64)
+            self.id_hash = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
         else:
             self._z: list[Tensor] = []
             self._z_cls: list[Tensor] = []
@@ -320,27 +403,41 @@ class StreamingSVD:
             class_ids: (B,) integer class of each row, in [0, C).
             sample_ids: (B,) int64 identifiers (unique per class), kept with the
                 projections; default: a running counter in arrival order.
+
+        Raises:
+            ValueError: bad shapes or class ids, non-finite rows, or rows whose squared
+                norms would overflow the state's dtype (summed per class; the batch is
+                refused before the state changes: scale the rows, or use float64).
         """
         if self._final is not None:
             raise RuntimeError("update() after finalize(): the decomposition is fixed; "
                                "use project() or a new StreamingSVD")
-        _check_batch(rows, class_ids, sample_ids, self.dim, self.num_classes)
+        norms = _check_batch(rows, class_ids, sample_ids, self.dim, self.num_classes)
         b = rows.shape[0]
-        if sample_ids is None:
-            sample_ids = torch.arange(self._next_id, self._next_id + b)
-        self._next_id += b
-        rows = rows.detach().to(device=self.device, dtype=self.dtype)
-        cls = class_ids.detach().to(device=self.device, dtype=torch.int64)
         if b == 0:
             return
+        if sample_ids is None:
+            sample_ids = torch.arange(self._next_id, self._next_id + b)
+        ids = sample_ids.detach().to(device=self.device, dtype=torch.int64)
+        rows = rows.detach().to(device=self.device, dtype=self.dtype)
+        cls = class_ids.detach().to(device=self.device, dtype=torch.int64)
+        z = None
+        if self.mode == "sketch":
+            z = sketch_ops.srht_project(rows, self.sketch_dim, self.seed)
+            norms = torch.linalg.vector_norm(z, dim=1).to(_F64)  # what the state keeps
+        energy = self._energy.index_add(0, cls, norms.to(self.device).square())
+        _check_energy(energy, self.dtype, "accumulated")  # before the state changes
+        self._energy = energy
+        self._next_id += b
         if self.mode == "gram":
+            self.id_hash.index_add_(0, cls, _id_fingerprint(ids))
             sketch_ops.gram_update_(self.gram, self.sums, self.counts, self._buffer, self._fill,
                                     rows.contiguous(), cls, False)
         else:
             self.counts.index_add_(0, cls, torch.ones_like(cls))
-            self._z.append(sketch_ops.srht_project(rows, self.sketch_dim, self.seed))
+            self._z.append(z)
             self._z_cls.append(cls)
-            self._z_ids.append(sample_ids.detach().to(device=self.device, dtype=torch.int64))
+            self._z_ids.append(ids)
 
     # ---- partial states -------------------------------------------------------------
 
@@ -352,12 +449,14 @@ class StreamingSVD:
 
     def state_dict(self) -> dict[str, Tensor]:
         """The streamed state as tensors (flushed): gram mode ``gram``/``sums``/``counts``
-        (merge by sum, e.g. ``all_reduce``), sketch mode ``z``/``class_ids``/``sample_ids``
-        plus ``counts`` (merge by concatenation, e.g. ``all_gather``). For checkpoints of a
-        long stream and for torch.distributed."""
+        and ``id_hash`` (a per-class fingerprint of the sample ids; all merge by sum, e.g.
+        ``all_reduce``), sketch mode ``z``/``class_ids``/``sample_ids`` plus ``counts``
+        (merge by concatenation, e.g. ``all_gather``; ``counts`` by sum). For checkpoints of
+        a long stream and for torch.distributed."""
         self._flush()
         if self.mode == "gram":
-            return {"gram": self.gram, "sums": self.sums, "counts": self.counts}
+            return {"gram": self.gram, "sums": self.sums, "counts": self.counts,
+                    "id_hash": self.id_hash}
         z = torch.cat(self._z) if self._z else torch.zeros((0, self.sketch_dim),
                                                            dtype=self.dtype, device=self.device)
         cls = torch.cat(self._z_cls) if self._z_cls else self.counts.new_zeros(0)
@@ -365,35 +464,98 @@ class StreamingSVD:
         self._z, self._z_cls, self._z_ids = [z], [cls], [ids]
         return {"z": z, "class_ids": cls, "sample_ids": ids, "counts": self.counts}
 
+    def _state_energy(self, state: dict[str, Tensor]) -> Tensor:
+        """Check a state's structure against this object's settings (keys, then each
+        tensor's type, dtype and shape, then their consistency) and return its per-class
+        sum of squared norms. One ValueError names the first mismatch."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state must be a dict of tensors, got {type(state).__name__}")
+        keys = {"gram": ("gram", "sums", "counts", "id_hash"),
+                "sketch": ("z", "class_ids", "sample_ids", "counts")}
+        mine, other = keys[self.mode], keys["sketch" if self.mode == "gram" else "gram"]
+        if set(state) != set(mine):
+            if set(state) == set(other):
+                raise ValueError(f"state is a {'sketch' if self.mode == 'gram' else 'gram'}-"
+                                 f"mode state (keys {sorted(state)}); this StreamingSVD is "
+                                 f"in {self.mode!r} mode")
+            missing = sorted(set(mine) - set(state))
+            extra = sorted(set(state) - set(mine), key=str)
+            raise ValueError(f"state must have the keys {list(mine)} of mode {self.mode!r}; "
+                             f"missing {missing}, unexpected {extra}")
+        c, d, k = self.num_classes, self.dim, self.sketch_dim
+        n = state["z"].shape[0] if self.mode == "sketch" and isinstance(state["z"], Tensor) \
+            else 0
+        want = {"gram": ((c, d, d), self.dtype), "sums": ((c, d), self.dtype),
+                "counts": ((c,), torch.int64), "id_hash": ((c,), torch.int64),
+                "z": ((n, k), self.dtype), "class_ids": ((n,), torch.int64),
+                "sample_ids": ((n,), torch.int64)}
+        for name in mine:
+            t = state[name]
+            shape, dtype = want[name]
+            if not isinstance(t, Tensor):
+                raise ValueError(f"state[{name!r}] must be a tensor, got {type(t).__name__}")
+            if t.dtype != dtype:
+                raise ValueError(f"state[{name!r}] must be {dtype} (this StreamingSVD's), "
+                                 f"got {t.dtype}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"state[{name!r}] must have shape {shape}, got "
+                                 f"{tuple(t.shape)}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"state[{name!r}] must be finite, got NaN or Inf")
+        counts = state["counts"].to(self.device)
+        if bool((counts < 0).any()):
+            raise ValueError(f"state['counts'] must be >= 0, got {counts.tolist()}")
+        if self.mode == "gram":
+            diag = torch.diagonal(state["gram"], dim1=1, dim2=2).to(self.device, _F64)
+            if bool((diag < 0).any()):
+                raise ValueError("state['gram'] must have a non-negative diagonal (sums of "
+                                 "squares)")
+            empty = (counts == 0) & ((diag.abs().sum(1) > 0) |
+                                     (state["sums"].to(self.device).abs().sum(1) > 0))
+            if bool(empty.any()):
+                raise ValueError(f"state: class {int(torch.nonzero(empty)[0])} has rows in "
+                                 "state['gram']/state['sums'] but a count of 0")
+            return diag.sum(1)
+        cls = state["class_ids"].to(self.device)
+        if n and (int(cls.min()) < 0 or int(cls.max()) >= c):
+            raise ValueError(f"state['class_ids'] must be in [0, {c}), got values in "
+                             f"[{int(cls.min())}, {int(cls.max())}]")
+        per_class = torch.bincount(cls, minlength=c)
+        if not torch.equal(per_class, counts):
+            raise ValueError(f"state['counts'] must count state['class_ids'] per class "
+                             f"({per_class.tolist()}), got {counts.tolist()}")
+        z = state["z"].to(self.device)
+        return torch.zeros(c, dtype=_F64, device=self.device).index_add_(
+            0, cls, torch.linalg.vector_norm(z, dim=1).to(_F64).square())
+
     def load_state_dict(self, state: dict[str, Tensor], *, add: bool = False) -> None:
-        """Replace the streamed state with ``state`` (or add it: ``add=True``)."""
+        """Replace the streamed state with ``state`` (or add it: ``add=True``).
+
+        The state is checked first (nothing changes when it is refused): the keys of this
+        mode, each tensor's dtype (this object's ``dtype``, int64 for counts and ids) and
+        shape (``num_classes``, ``dim``, ``sketch_dim``), finiteness, class ids in range,
+        counts that agree with them, and no overflow once added.
+
+        Raises:
+            ValueError: the state does not fit this StreamingSVD (the message says how).
+        """
         if self._final is not None:
             raise RuntimeError("load_state_dict() after finalize()")
-        if self.mode == "gram":
-            keys = ("gram", "sums", "counts")
-        else:
-            keys = ("z", "class_ids", "sample_ids", "counts")
-        missing = [k for k in keys if k not in state]
-        if missing:
-            raise ValueError(f"state is missing {missing} for mode {self.mode!r}")
+        energy = self._state_energy(state)
+        energy = energy + self._energy if add else energy
+        _check_energy(energy, self.dtype, "of the state")
         self._flush()
+        self._energy = energy
         if self.mode == "gram":
-            for name in keys:
+            for name in ("gram", "sums", "counts", "id_hash"):
                 mine = getattr(self, name)
-                other = state[name].to(device=mine.device, dtype=mine.dtype)
-                if other.shape != mine.shape:
-                    raise ValueError(f"state[{name!r}] must have shape {tuple(mine.shape)}, "
-                                     f"got {tuple(other.shape)}")
+                other = state[name].to(mine.device)
                 if add:
                     mine.add_(other)
                 else:
                     mine.copy_(other)
             return
-        z = state["z"].to(device=self.device, dtype=self.dtype)
-        if z.dim() != 2 or z.shape[1] != self.sketch_dim:
-            raise ValueError(f"state['z'] must have shape (N, {self.sketch_dim}), got "
-                             f"{tuple(z.shape)}")
-        parts = (z, state["class_ids"].to(self.device), state["sample_ids"].to(self.device))
+        parts = [state[k].to(self.device) for k in ("z", "class_ids", "sample_ids")]
         if add:
             self._z.append(parts[0])
             self._z_cls.append(parts[1])
@@ -447,7 +609,8 @@ class StreamingSVD:
                 final[c] = {"count": n, "values": vals.sqrt(), "vectors":
                             _orient(vecs.T).to(torch.float32), "sketch": None,
                             "mean": mean if self.center else None, "converged": ok,
-                            "iterations": its, "ids": None, "proj": None, "exact": True}
+                            "iterations": its, "ids": None, "proj": None, "exact": True,
+                            "id_hash": int(self.id_hash[c])}
             self.gram = self._buffer = self.sums = None  # type: ignore[assignment]
         else:
             chunks = list(zip(self._z, self._z_cls, self._z_ids, strict=True))
@@ -460,6 +623,7 @@ class StreamingSVD:
                 ids_c = torch.cat([i for _, i in parts])
                 order = torch.argsort(ids_c)
                 ids_c = ids_c[order]
+                _check_unique_ids(c, ids_c, "update()")
                 zc = torch.cat([z for z, _ in parts]).index_select(0, order)
                 del parts
                 if self.center:
@@ -484,12 +648,18 @@ class StreamingSVD:
                 final[c] = {"count": n, "values": sv, "vectors": None,
                             "sketch": w.to(torch.float32), "mean": None, "converged": ok,
                             "iterations": its, "ids": ids_c, "proj": proj.to(torch.float32),
-                            "exact": False}
+                            "exact": False, "id_hash": int(_id_fingerprint(ids_c).sum())}
         self._final = final
         return self.results()
 
     def results(self) -> dict[int, ClassSVD]:
-        """The current per-class results (projections included once they exist)."""
+        """The current per-class results (projections included once they exist).
+
+        Raises:
+            ValueError: a class's projections do not cover exactly the rows that
+                :meth:`update` counted (fewer rows, or other sample ids), or repeat a
+                sample id; call it once the second pass is complete.
+        """
         if self._final is None:
             raise RuntimeError("results() before finalize()")
         self._collect_projections()
@@ -507,11 +677,19 @@ class StreamingSVD:
         """Second pass: exact projections of rows onto their class's input-space vectors.
 
         Rows of classes without input-space vectors (sketch mode, not refined) are skipped.
-        Shapes as :meth:`update`; ``sample_ids`` default to arrival order of this pass.
+        Shapes as :meth:`update`; ``sample_ids`` default to arrival order of this pass. The
+        pass must give every row that :meth:`update` got, once, with the same sample ids:
+        more rows of a class than counted fail here, fewer rows or other ids (checked by
+        count and by a fingerprint of the ids) when :meth:`results` is called.
         """
         if self._final is None:
             raise RuntimeError("project() before finalize()")
-        _check_batch(rows, class_ids, sample_ids, self.dim, self.num_classes)
+        norms = _check_batch(rows, class_ids, sample_ids, self.dim, self.num_classes)
+        f32_limit = torch.finfo(torch.float32).max / _ENERGY_MARGIN
+        if rows.shape[0] and float(norms.max()) > f32_limit:
+            raise ValueError(f"rows: a row of norm {float(norms.max()):.3g} overflows the "
+                             f"float32 projections ({f32_limit:.3g}); divide the rows by a "
+                             "common scale (the one used for update())")
         if sample_ids is None:
             start = self._proj_next_id
             sample_ids = torch.arange(start, start + rows.shape[0])
@@ -533,6 +711,14 @@ class StreamingSVD:
             p = torch.cat([torch.einsum("bd,brd->br", rows[i:i + chunk], v_all[cls[i:i + chunk]])
                            for i in range(0, rows.shape[0], chunk)])
         p = p - mv[cls]
+        seen = self._proj_seen.index_add(0, cls, torch.ones_like(cls))
+        over = torch.nonzero(seen > self.counts).flatten()
+        if over.numel():
+            c = int(over[0])
+            raise ValueError(f"class {c}: project() got {int(seen[c])} rows of it, more than "
+                             f"the {int(self.counts[c])} update() counted; pass every row of "
+                             "the first pass once")
+        self._proj_seen = seen
         self._proj.append((cls, ids, p))
 
     def _stacked_vectors(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -555,27 +741,34 @@ class StreamingSVD:
         self._stack_cache = (v_all, mv, has)
         return v_all, mv, has
 
-    def _collect_projections(self) -> None:
-        """Fold the projections gathered by project() into the per-class results."""
+    def _collect_projections(self, where: str = "project()") -> None:
+        """Fold the projections gathered by project() into the per-class results, once
+        they cover exactly the rows update() counted (checked first: on a refusal the
+        results and the gathered projections stay as they were)."""
         if not self._proj:
             return
         assert self._final is not None
         cls = torch.cat([t[0] for t in self._proj])
         ids = torch.cat([t[1] for t in self._proj])
         p = torch.cat([t[2] for t in self._proj])
-        self._proj = []
+        folded = {}
         for c, f in self._final.items():
             sel = torch.nonzero(cls == c).flatten()
             if sel.numel() == 0:
                 continue
-            c_ids, c_p = ids[sel], p[sel]
+            # a class with fewer vectors than rank (sketch mode, fewer rows than rank)
+            c_ids, c_p = ids[sel], p[sel][:, :f["vectors"].shape[0]]
             if f["ids"] is not None and f["exact"]:
                 c_ids = torch.cat([f["ids"], c_ids])
                 c_p = torch.cat([f["proj"], c_p])
             order = torch.argsort(c_ids)
             c_ids, c_p = c_ids[order], c_p[order]
-            if c_ids.numel() > 1 and bool((c_ids[1:] == c_ids[:-1]).any()):
-                raise ValueError(f"class {c}: a sample id was projected twice")
+            _check_unique_ids(c, c_ids, where)
+            _check_same_rows(c, where, c_ids.numel(), int(_id_fingerprint(c_ids).sum()), f)
+            folded[c] = (c_ids, c_p)
+        self._proj = []
+        for c, (c_ids, c_p) in folded.items():
+            f = self._final[c]
             f["ids"], f["proj"], f["exact"] = c_ids, c_p, True
 
     def refine(self, batches: Callable[[], Iterable[Batch]], classes: Iterable[int]) -> None:
@@ -593,6 +786,15 @@ class StreamingSVD:
         """
         if self._final is None:
             raise RuntimeError("refine() before finalize()")
+        if self.mode != "sketch":
+            raise ValueError("refine() is for sketch mode; gram mode's vectors are exact "
+                             "already: use project() for the projections")
+        if not callable(batches):
+            raise TypeError("batches must be a callable returning a fresh iterable of "
+                            f"(rows, class_ids, sample_ids), got {type(batches).__name__}")
+        if not isinstance(classes, Iterable) or isinstance(classes, (str, bytes)) or (
+                isinstance(classes, Tensor) and classes.dim() != 1):
+            raise TypeError(f"classes must be an iterable of class ids, got {classes!r}")
         chosen = sorted({int(c) for c in classes})
         for c in chosen:
             if c not in self._final:
@@ -607,6 +809,8 @@ class StreamingSVD:
                  for c in chosen}
         weight = {c: torch.zeros(self._final[c]["proj"].shape[1], dtype=torch.float64,
                                  device=self.device) for c in chosen}
+        seen = dict.fromkeys(chosen, 0)
+        fingerprint = dict.fromkeys(chosen, 0)
         for batch in batches():
             rows, cls, ids = self._unpack(batch)
             keep = want[cls]
@@ -633,6 +837,11 @@ class StreamingSVD:
                 acc[c] += u.T @ rows[sel]
                 total[c] += rows[sel].sum(dim=0)
                 weight[c] += u.sum(dim=0)
+                seen[c] += int(sel.sum())
+                fingerprint[c] += int(_id_fingerprint(ids[sel]).sum())
+        for c in chosen:
+            _check_same_rows(c, "refine()'s first pass", seen[c], fingerprint[c],
+                             self._final[c])
         for c in chosen:
             f = self._final[c]
             n = f["count"]
@@ -643,12 +852,13 @@ class StreamingSVD:
             f["mean"] = mean if self.center else None
             f["ids"], f["proj"], f["exact"] = None, None, True
         self._stack_cache = None
+        self._proj_seen[chosen] = 0
         for batch in batches():
             rows, cls, ids = self._unpack(batch)
             keep = want[cls]
             if bool(keep.any()):
                 self.project(rows[keep], cls[keep], ids[keep])
-        self._collect_projections()
+        self._collect_projections("refine()'s second pass")
         for c in chosen:
             f = self._final[c]
             if f["proj"] is None:
@@ -659,6 +869,9 @@ class StreamingSVD:
         if not isinstance(batch, (tuple, list)) or len(batch) != 3:
             raise ValueError("batches() must yield (rows, class_ids, sample_ids) tuples")
         rows, cls, ids = batch
+        if ids is None:
+            raise TypeError("batches() must yield sample_ids as an integer tensor (refine() "
+                            "matches rows to the sample ids given to update()), got None")
         _check_batch(rows, cls, ids, self.dim, self.num_classes)
         return (rows.detach().to(self.device), cls.to(self.device, torch.int64),
                 ids.to(self.device, torch.int64))
