@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_box, check_finite_logits, check_labels
+
 __all__ = ["accuracy", "train_classifier"]
 
 
@@ -38,6 +40,8 @@ def train_classifier(
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"epochs, batch_size and lr must be positive, got {epochs}, "
                          f"{batch_size}, {lr}")
+    check_box(x, 0.0, 1.0, "x")
+    check_labels(y, x)
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
@@ -56,10 +60,19 @@ def train_classifier(
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` on ``(x, y)``."""
+    """Top-1 accuracy in [0, 1] of ``model`` on ``(x, y)``.
+
+    Raises:
+        NaNLogitsError: the model returned NaN logits (naming the samples).
+    """
     was = model.training
     model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, x.shape[0], batch_size))
-    model.train(was)
+    correct = 0
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            logits = model(x[i:i + batch_size])
+            check_finite_logits(logits, torch.arange(i, i + logits.shape[0]), "x")
+            correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
+    finally:
+        model.train(was)
     return correct / max(1, x.shape[0])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -165,20 +164,14 @@ def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _write_cache(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    """Write atomically (temporary file in the same folder, then ``os.replace``)."""
+    """Write atomically (:func:`safedl_ext.report.write_atomic`); a cache that cannot be
+    written (read-only folder, full disk) is a warning, not an error."""
+    from ..report import write_atomic
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_atomic(path, lambda fh: np.savez(fh, x=x, y=y))
     except OSError as err:
-        warnings.warn(f"CIFAR-10 cache not written ({path.parent}: {err})", stacklevel=3)
-        return
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, x=x, y=y)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        warnings.warn(f"CIFAR-10 cache not written ({path}: {err})", stacklevel=3)
 
 
 def _find_archive(root: Path, split: str) -> Path:

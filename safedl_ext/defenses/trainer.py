@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_box
+from .._checks import check_box, check_finite_logits
 from ..report import (
     load_torch_safe,
     machine_info,
@@ -358,8 +358,9 @@ def _accuracy(model: nn.Module, data: tuple[Tensor, Tensor], device: torch.devic
     model.eval()
     correct = 0
     for i in range(0, x.shape[0], batch_size):
-        xb = x[i:i + batch_size].to(device, dtype)
-        correct += int((model(xb).argmax(1).cpu() == y[i:i + batch_size].cpu()).sum())
+        logits = model(x[i:i + batch_size].to(device, dtype))
+        check_finite_logits(logits, torch.arange(i, i + logits.shape[0]), "the test split")
+        correct += int((logits.argmax(1).cpu() == y[i:i + batch_size].cpu()).sum())
     model.train(was)
     return correct / max(1, x.shape[0])
 
