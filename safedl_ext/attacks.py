@@ -295,15 +295,21 @@ def sample_seeds(seed: int, index: Tensor) -> Tensor:
 
 def _per_sample_start(x0: Tensor, eps_t: Tensor, norm: str, lo: float, hi: float,
                       seeds: Tensor, restarts: int) -> Tensor:
-    """Random starts, restart-major like ``x0.repeat(restarts, ...)``, sample i's drawn
-    from a generator seeded with ``seeds[i]``."""
-    parts = []
+    """Random starts, restart-major like ``x0.repeat(restarts, ...)``, sample i's noise
+    drawn by :func:`ops.random_start` from a CPU generator seeded with ``seeds[i]``. The
+    noise is drawn on the CPU (around zero, unclipped), moved to ``x0``'s device in one
+    copy, then added and clamped as ``random_start`` does."""
+    dt = ops.reference.opmath_dtype(x0.dtype)
+    zero = torch.zeros((restarts, *x0.shape[1:]), dtype=dt)
+    eps_cpu = eps_t.detach().to("cpu", dt)
+    noise = []
     for i, s in enumerate(seeds.tolist()):
-        g = torch.Generator().manual_seed(s)
-        xi = x0[i:i + 1].expand(restarts, *x0.shape[1:])
-        e = eps_t[i:i + 1].expand(restarts) if eps_t.numel() > 1 else eps_t
-        parts.append(ops.random_start(xi, e, norm, lo, hi, g))
-    return torch.stack(parts, 1).reshape(restarts * x0.shape[0], *x0.shape[1:])
+        e = eps_cpu[i:i + 1].expand(restarts) if eps_cpu.numel() > 1 else eps_cpu
+        noise.append(ops.random_start(zero, e, norm, -math.inf, math.inf,
+                                      torch.Generator().manual_seed(s)))
+    delta = torch.stack(noise, 1).reshape(restarts * x0.shape[0], *x0.shape[1:])
+    x0r = x0.repeat((restarts,) + (1,) * (x0.dim() - 1)) if restarts > 1 else x0
+    return (x0r.to(dt) + delta.to(x0.device)).clamp_(lo, hi).to(x0.dtype)
 
 
 def _pgd_loop(model, x, y, eps_t, alpha_t, steps, norm, random_start, restarts, targeted,

@@ -311,7 +311,7 @@ def test_nan_logits_are_refused_naming_the_samples(digits_model, test_set):
     assert float(x[:, 0, 0, 0].max()) == 0.0  # the digits' corner pixel is always blank
     x = x.clone()
     x[[5, 300], 0, 0, 0] = 1.0
-    model = _NaNWhere(digits_model, 0.5)
+    model = _NaNWhere(digits_model, 0.5).eval()  # eval: restoring it leaves the CNN in eval
     with pytest.raises(A.NaNLogitsError, match=r"2 sample\(s\) of data \(indices 5, 300\)"):
         A.evaluate(model, (x, y), {}, batch_size=450, progress=False)
     with pytest.raises(A.NaNLogitsError, match=r"1 sample\(s\) of data \(indices 5\)"):
@@ -322,7 +322,7 @@ def test_nan_logits_are_refused_naming_the_samples(digits_model, test_set):
     x = x.clone()
     x[:, 0, 0, 7] = 0.0
     x[[150, 160], 0, 0, 7] = 0.5
-    model = _Moved(digits_model)
+    model = _Moved(digits_model).eval()
     assert A.evaluate(model, (x, y), {}, progress=False).accuracy["Clean"] > 90
     with pytest.raises(A.NaNLogitsError, match=r"2 sample\(s\) of x \(indices 0, 10\)"):
         A.pgd(model, x[150:170], y[150:170], eps=0.1, steps=3)
