@@ -115,6 +115,15 @@ def _hostile_files(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(blob[: len(blob) // 2])
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file at all")
+    import io
+    import tarfile
+
+    for split in ("train", "test"):  # a CIFAR-10 pair whose one member is not a JPEG
+        with tarfile.open(tmp_path / f"cifar10-{split}-jpeg.tar.gz", "w:gz") as tar:
+            blob = b"\xff\xd8 this is no jpeg"
+            info = tarfile.TarInfo(f"{split}/cat/0001.jpg")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
 
 
 @pytest.mark.parametrize("args, expect", [
@@ -141,7 +150,8 @@ def _hostile_files(tmp_path):
     (["viz", "gradients", "--model-file", "{tmp}/evil.pt"], "would need code to load"),
     (["viz", "eps", "--dataset", "tensors", "--data", "{tmp}/trunc.pt"], "--data {tmp}/trunc"),
     (["evaluate", "--epochs", "1", "--out", "/dev/null/x"], "/dev/null/x: Not a directory"),
-    (["train", "--dataset", "cifar10", "--data", "{tmp}"], "CIFAR-10 archive not found"),
+    (["train", "--dataset", "cifar10", "--data", "{tmp}/none"], "CIFAR-10 archive not found"),
+    (["train", "--dataset", "cifar10", "--data", "{tmp}"], "train/cat/0001.jpg"),
 ])
 def test_cli_errors_are_one_clear_line(tmp_path, capsys, args, expect):
     _hostile_files(tmp_path)
