@@ -367,7 +367,7 @@ def _add_viz_parser(sub: Any) -> None:
                     help="gradients: of what")
     vz.add_argument("--scaling", choices=["symmetric", "minmax", "abs"], default="symmetric",
                     help="gradients: per-image display scaling")
-    vz.add_argument("--eps", type=_POS, default=0.25,
+    vz.add_argument("--eps", type=_number("float", 0.0, open_lo=True, name="eps"), default=0.25,
                     help="surface: half-width of the grid (pixel units)")
     vz.add_argument("--grid-steps", type=_number("int", 2), default=21,
                     help="surface: points per axis (>= 2)")
