@@ -93,6 +93,49 @@ void test_clamp_to() {
   EXPECT(std::isnan(clamp_to<T>(nan, T(0), T(1))), "[%s] clamp_to(NaN, 0, 1) is not NaN", t);
 }
 
+// max_nan is torch.maximum: NaN from either side. clamp_to_ball: NaN from v or x0.
+template <typename T>
+void test_nan_propagation() {
+  const char* t = type_name<T>();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T inf = std::numeric_limits<T>::infinity();
+  EXPECT(same(max_nan<T>(T(1), T(2)), T(2)) && same(max_nan<T>(T(3), T(2)), T(3)),
+         "[%s] max_nan of numbers is not the max", t);
+  EXPECT(std::isnan(max_nan<T>(nan, T(2))) && std::isnan(max_nan<T>(T(2), nan)),
+         "[%s] max_nan drops a NaN", t);
+  EXPECT(std::isnan(clamp_to_ball<T>(T(0.5), nan, T(0.1))),
+         "[%s] clamp_to_ball(0.5, x0=NaN) is not NaN", t);
+  EXPECT(std::isnan(clamp_to_ball<T>(nan, T(0.5), T(0.1))),
+         "[%s] clamp_to_ball(NaN, x0=0.5) is not NaN", t);
+  EXPECT(same(clamp_to_ball<T>(T(0.9), T(0.5), T(0.25)), T(0.75)),
+         "[%s] clamp_to_ball(0.9, 0.5, 0.25) != 0.75", t);
+  // Infinite x0: the ball is {x0}, as torch.maximum/minimum with infinite bounds give.
+  EXPECT(same(clamp_to_ball<T>(T(0.5), inf, T(0.1)), inf) &&
+             same(clamp_to_ball<T>(T(0.5), -inf, T(0.1)), -inf),
+         "[%s] clamp_to_ball with infinite x0 is not x0", t);
+  // The step: NaN in x0 or x gives NaN (was x + alpha for a NaN x0).
+  for (const T g : {T(1), T(-1), T(0)}) {
+    EXPECT(std::isnan(linf_step<T>(T(0.5), nan, g, T(0.1), T(0.2), T(0), T(1))),
+           "[%s] linf_step with x0 = NaN, g = %g is not NaN", t, double(g));
+    EXPECT(std::isnan(linf_step<T>(nan, T(0.5), g, T(0.1), T(0.2), T(0), T(1))),
+           "[%s] linf_step with x = NaN, g = %g is not NaN", t, double(g));
+    EXPECT(std::isnan(linf_project<T>(T(0.5), nan, T(0.2), T(0), T(1))),
+           "[%s] linf_project with x0 = NaN is not NaN", t);
+  }
+}
+
+template <typename T>
+void test_budget_ok() {
+  const char* t = type_name<T>();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T inf = std::numeric_limits<T>::infinity();
+  EXPECT(budget_ok<T>(T(0)) && budget_ok<T>(T(0.03)) && budget_ok<T>(std::numeric_limits<T>::max()),
+         "[%s] budget_ok refuses a valid value", t);
+  EXPECT(!budget_ok<T>(T(-0.1)) && !budget_ok<T>(nan) && !budget_ok<T>(inf) &&
+             !budget_ok<T>(-inf) && !budget_ok<T>(-std::numeric_limits<T>::denorm_min()),
+         "[%s] budget_ok accepts a negative or non-finite value", t);
+}
+
 // linf_step on a grid: the result equals an independently written reference (clamp to
 // the intersection of ball and box) and lies inside both whenever x0 is in the box.
 template <typename T>
@@ -253,6 +296,8 @@ void test_all() {
   test_sign_of<T>();
   test_signed_step<T>();
   test_clamp_to<T>();
+  test_nan_propagation<T>();
+  test_budget_ok<T>();
   test_linf_step_grid<T>();
   test_l2_scales<T>();
   test_l2_full_step<T>();
@@ -309,6 +354,16 @@ void test_ops_library() {
     threw = true;
   }
   EXPECT(threw, "pgd_step_ with norm='l3' did not throw");
+  // The op checks eps and alpha itself (the raw op is documented).
+  for (const float bad : {-0.1f, std::numeric_limits<float>::quiet_NaN()}) {
+    threw = false;
+    try {
+      op.call(x, x0, grad, at::tensor({0.1f}), at::tensor({0.1f, bad}), "linf", 0.0, 1.0);
+    } catch (const c10::ValueError& err) {
+      threw = std::string(err.what()).find("eps must be >= 0 and finite") != std::string::npos;
+    }
+    EXPECT(threw, "pgd_step_ with eps = %g did not raise the eps error", double(bad));
+  }
 }
 #endif
 

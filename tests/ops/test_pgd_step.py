@@ -236,6 +236,46 @@ def test_bad_arguments(kwargs, exc, match):
 
 
 @needs_native
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("eps", -0.1), ("eps", float("nan")), ("eps", float("inf")),
+        ("eps", [0.1, float("nan"), 0.1, 0.1]), ("eps", [0.1, 0.1, -1e-9, 0.1]),
+        ("alpha", -0.01), ("alpha", float("nan")), ("alpha", float("-inf")),
+        ("alpha", [0.1, 0.1, 0.1, float("inf")]),
+    ],
+)
+def test_raw_op_rejects_bad_budgets(norm, name, value):
+    # The raw op is documented (README) and must check what the wrapper checks.
+    x0 = torch.rand(4, 5)
+    budgets = {"alpha": torch.tensor(0.1), "eps": torch.tensor(0.1)}
+    budgets[name] = torch.tensor(value)
+    xa = x0.clone()
+    with pytest.raises(ValueError, match=f"{name} must be >= 0 and finite, got"):
+        torch.ops.safedl.pgd_step_(xa, x0, torch.randn(4, 5), budgets["alpha"],
+                                   budgets["eps"], norm, 0.0, 1.0)
+    assert torch.equal(xa, x0)  # nothing written
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("where", ["x0", "x_adv"])
+def test_raw_op_nan_input_gives_nan_as_reference(dtype, norm, where):
+    x0, grad, start = _case(n=4, shape=(10,), dtype=dtype)
+    bad = {"x0": x0, "x_adv": start}[where]
+    bad[2, 3] = float("nan")
+    alpha, eps = torch.tensor(0.5 if norm == "l2" else 0.01), torch.tensor(0.2)
+    got, want = start.clone(), start.clone()
+    torch.ops.safedl.pgd_step_(got, x0, grad, alpha, eps, norm, 0.0, 1.0)
+    reference.pgd_step_(want, x0, grad, alpha, eps, norm, 0.0, 1.0)
+    assert bool(torch.isnan(want[2, 3])) and bool(torch.isnan(got[2, 3]))
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=1e-7)
+    assert bool(torch.isfinite(got[[0, 1, 3]]).all())
+
+
+@needs_native
 def test_overlapping_memory_is_refused():
     x = torch.rand(4, 5)
     with pytest.raises(RuntimeError, match="single memory location"):

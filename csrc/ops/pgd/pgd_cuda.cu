@@ -89,8 +89,19 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x0, const at::Tens
   const Norm kind = check_step_args(x_adv, x0, grad, alpha, eps,
                                     std::string_view(norm.data(), norm.size()), lo, hi);
   TORCH_CHECK_VALUE(x_adv.is_cuda(), "x_adv must be a CUDA tensor for this kernel");
-  if (x_adv.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x_adv.device());
+  // alpha and eps in the dtype the math runs in; their check reads one flag back from the
+  // device (a sync per call, the price of refusing a NaN or negative eps in the op).
+  const auto op_dtype = at::toOpMathType(x_adv.scalar_type());
+  // (Pairs, not structured bindings: C++17 lambdas cannot capture those.)
+  const auto alpha_p = per_sample_param(alpha, op_dtype);
+  const auto eps_p = per_sample_param(eps, op_dtype);
+  const at::Tensor& a = alpha_p.first;
+  const at::Tensor& e = eps_p.first;
+  const int64_t as = alpha_p.second;
+  const int64_t es = eps_p.second;
+  check_budgets(a, e);
+  if (x_adv.numel() == 0) return;
   const StepOperands op(x_adv, x0, grad);
   const int64_t n = op.n;
   const int64_t d = op.d;
@@ -99,9 +110,6 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x0, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(),
                                   "pgd_step_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const auto op_dtype = c10::CppTypeToScalarType<opmath_t>::value;
-    const auto [a, as] = per_sample_param(alpha, op_dtype);
-    const auto [e, es] = per_sample_param(eps, op_dtype);
     if (kind == Norm::Linf) {
       const int64_t total = n * d;
       const int64_t blocks =

@@ -31,6 +31,26 @@ SAFEDL_HOST_DEVICE T clamp_to(T v, T lo, T hi) {
   return v > hi ? hi : v;
 }
 
+// max(v, b) as torch.maximum: a NaN in either gives NaN (through v + b; v == b gives v).
+// Written so that GCC still vectorises the loops around it: it does not for
+// `v > b || v != v`, nor for a NaN test of v ahead of the comparison.
+template <typename T>
+SAFEDL_HOST_DEVICE T max_nan(T v, T b) {
+  return v >= b ? v : (v < b ? b : v + b);
+}
+
+// Clamp onto the L-inf ball [x0 - eps, x0 + eps] (eps finite). A NaN x0 gives NaN, as the
+// reference's torch.maximum / torch.minimum with NaN bounds do: clamp_to alone passed v
+// through (its comparisons with NaN bounds are false), so a NaN x0 left x + alpha.
+// Infinite x0 gives bounds of x0 and x0, and x0, as torch does.
+template <typename T>
+SAFEDL_HOST_DEVICE T clamp_to_ball(T v, T x0, T eps) {
+  // Clamped first, then selected: with the clamp inside the select GCC if-converts both
+  // together into four blends instead of two max/min and one blend.
+  const T clamped = clamp_to(v, x0 - eps, x0 + eps);
+  return x0 == x0 ? clamped : x0;
+}
+
 // alpha * sign(g) for alpha >= 0, as alpha with g's sign bit where g < 0 or g > 0 and 0
 // elsewhere (zero and NaN gradients). Equal to alpha * sign_of(g) bit for bit (including
 // -0.0 for alpha = 0, g < 0), in fewer vector operations: copysign is a bitwise and/or.
@@ -39,12 +59,19 @@ SAFEDL_HOST_DEVICE T signed_step(T alpha, T g) {
   return (g < T(0) || g > T(0)) ? std::copysign(alpha, g) : T(0);
 }
 
+// A valid step size or radius (alpha, eps): >= 0 and finite. NaN fails.
+template <typename T>
+SAFEDL_HOST_DEVICE bool budget_ok(T v) {
+  return v >= T(0) && v <= std::numeric_limits<T>::max();
+}
+
 // One L-inf step for one element. The order of operations matches the pure-PyTorch
-// reference exactly, so float32 results are bit-identical to it.
+// reference exactly, so float32 results are bit-identical to it (NaN in x, x0 or the
+// result included).
 template <typename T>
 SAFEDL_HOST_DEVICE T linf_step(T x, T x0, T g, T alpha, T eps, T lo, T hi) {
   const T stepped = x + signed_step(alpha, g);
-  const T in_ball = clamp_to(stepped, x0 - eps, x0 + eps);
+  const T in_ball = clamp_to_ball(stepped, x0, eps);
   return clamp_to(in_ball, lo, hi);
 }
 
@@ -52,7 +79,7 @@ SAFEDL_HOST_DEVICE T linf_step(T x, T x0, T g, T alpha, T eps, T lo, T hi) {
 // (used after a random start).
 template <typename T>
 SAFEDL_HOST_DEVICE T linf_project(T x, T x0, T eps, T lo, T hi) {
-  return clamp_to(clamp_to(x, x0 - eps, x0 + eps), lo, hi);
+  return clamp_to(clamp_to_ball(x, x0, eps), lo, hi);
 }
 
 // Per-sample factor that turns g into a step of L2 length alpha: alpha / ||g||.
