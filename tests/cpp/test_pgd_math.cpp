@@ -364,6 +364,12 @@ void test_ops_library() {
     }
     EXPECT(threw, "pgd_step_ with eps = %g did not raise the eps error", double(bad));
   }
+  // Half precision on the CPU: computed in float, stored in half (the L-inf case above).
+  at::Tensor xh = x0.to(at::kHalf);
+  op.call(xh, x0.to(at::kHalf), grad.to(at::kHalf), at::tensor({0.125f}),
+          at::tensor({0.25f, 0.0625f}), "linf", 0.0, 1.0);
+  EXPECT(at::equal(xh.to(at::kFloat), want_linf), "half linf pgd_step_ gave %s",
+         c10::str(xh.flatten()).c_str());
 }
 #endif
 

@@ -110,28 +110,39 @@ def test_channels_last_inputs(device, norm):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_opcheck(norm):
-    x0, grad, start = _case(n=4, shape=(3, 4, 4))
+def test_opcheck(norm, dtype):
+    x0, grad, start = _case(n=4, shape=(3, 4, 4), dtype=dtype)
     args = (start.clone(), x0, grad, torch.tensor(0.01), torch.full((4,), 0.1), norm, 0.0, 1.0)
     torch.library.opcheck(torch.ops.safedl.pgd_step_.default, args)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @needs_native
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_half_precision_cuda(dtype, norm):
-    x0, grad, start = _case(dtype=dtype, device="cuda")
-    a, e = torch.tensor(0.01, device="cuda"), torch.tensor(0.03, device="cuda")
+@pytest.mark.parametrize("kind", ["scalar", "per_sample"])
+def test_half_precision(device, dtype, norm, kind):
+    # Stored in half or bfloat16, computed in float32 (alpha and eps come in float32, as
+    # ops.as_budget passes them), rounded once on the way out: as the reference does.
+    x0, grad, start = _case(dtype=dtype, device=device)
+    a, e = _params(kind, x0.shape[0], device, torch.float32)
+    if norm == "l2":
+        a, e = a * 20, e * 5
     got, want = start.clone(), start.clone()
     torch.ops.safedl.pgd_step_(got, x0, grad, a, e, norm, 0.0, 1.0)
     reference.pgd_step_(want, x0, grad, a, e, norm, 0.0, 1.0)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
-    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
-    assert torch.compile(lambda *a: ops.pgd_step_(*a))(start.clone(), x0, grad, 0.01,
-                                                       0.03, norm) is not None
+    assert got.dtype == dtype and not torch.equal(got, start)
+    if norm == "linf":
+        assert torch.equal(got, want)  # the same float32 arithmetic, the same rounding
+    else:
+        # At most one rounding step of the storage type apart.
+        ulp = torch.finfo(dtype).eps
+        torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=ulp)
+    if device == "cuda":  # (on the CPU, test_torch_compile_sees_the_op covers compile)
+        assert torch.compile(lambda *a: ops.pgd_step_(*a))(start.clone(), x0, grad, 0.01,
+                                                           0.03, norm) is not None
 
 
 @needs_native
@@ -259,7 +270,7 @@ def test_raw_op_rejects_bad_budgets(norm, name, value):
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("where", ["x0", "x_adv"])
 def test_raw_op_nan_input_gives_nan_as_reference(dtype, norm, where):
