@@ -45,42 +45,76 @@ inline void linf_segment(S* __restrict__ xs, const S* __restrict__ x0s,
 
 constexpr int kLanes = 16;
 
-// Sum of squares with independent lanes so the compiler vectorises it without
-// reassociating floating-point sums on its own.
-template <typename S, typename T>
-inline double sum_squares(const S* __restrict__ v, int64_t len) {
+// Sum of squares (of v / div when Scaled) with independent lanes so the compiler
+// vectorises it without reassociating floating-point sums on its own.
+template <bool Scaled, typename S, typename T>
+inline double sum_squares(const S* __restrict__ v, int64_t len, T div) {
   T acc[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= len; j += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const T u = static_cast<T>(v[j + l]);
+      const T u = Scaled ? scaled<T>(static_cast<T>(v[j + l]), div) : static_cast<T>(v[j + l]);
       acc[l] += u * u;
     }
   }
   double total = 0.0;
   for (int l = 0; l < kLanes; ++l) total += static_cast<double>(acc[l]);
   for (; j < len; ++j) {
-    const T u = static_cast<T>(v[j]);
+    const T u = Scaled ? scaled<T>(static_cast<T>(v[j]), div) : static_cast<T>(v[j]);
     total += static_cast<double>(u) * static_cast<double>(u);
   }
   return total;
 }
 
-// Pass 2 of the L2 step: the unprojected delta of every element, into `delta`.
+// max_j |v_j| (NaN if any v_j is NaN), in lanes as above.
 template <typename S, typename T>
-inline void l2_delta_pass(const S* __restrict__ xs, const S* __restrict__ x0s,
-                          const S* __restrict__ gs, T* __restrict__ delta, int64_t d, T step) {
+inline T max_abs_of(const S* __restrict__ v, int64_t len) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] = max_abs<T>(acc[l], static_cast<T>(v[j + l]));
+  }
+  T m = T(0);
+  for (int l = 0; l < kLanes; ++l) m = max_nan<T>(acc[l], m);
+  for (; j < len; ++j) m = max_abs<T>(m, static_cast<T>(v[j]));
+  return m;
+}
+
+// ||v|| as div * r (pgd_math.h): the unscaled sum where it is accurate (div = 1), else
+// the max-abs pass and the scaled sum.
+template <typename S, typename T>
+inline void norm_parts(const S* __restrict__ v, int64_t d, T& div, T& r) {
+  const double sumsq = sum_squares<false, S, T>(v, d, T(1));
+  div = T(1);
+  if (!norm_is_accurate<T>(static_cast<T>(sumsq), d)) {
+    div = norm_divisor<T>(max_abs_of<S, T>(v, d));
+    // div == 1: v is zero or not finite, and the unscaled sum is exact (0, inf or NaN).
+    if (div != T(1)) {
+      r = static_cast<T>(std::sqrt(sum_squares<true, S, T>(v, d, div)));
+      return;
+    }
+  }
+  r = static_cast<T>(std::sqrt(sumsq));
+}
+
+// Pass 2 of the L2 step: the unprojected delta of every element, into `delta` (x itself
+// when S == T). Scaled = false is the common div == 1 case without the division's select.
+template <bool Scaled, typename S, typename T>
+inline void l2_delta_pass(S* xs, const S* __restrict__ x0s, const S* __restrict__ gs,
+                          T* delta, int64_t d, T div, T step) {
+  const T gdiv = Scaled ? div : T(1);
   for (int64_t j = 0; j < d; ++j) {
     delta[j] = l2_delta<T>(static_cast<T>(xs[j]), static_cast<T>(x0s[j]),
-                           static_cast<T>(gs[j]), step);
+                           static_cast<T>(gs[j]), gdiv, step);
   }
 }
 
 // In place (S == T): one pointer read and written, so it can be __restrict__.
-template <typename T>
+template <bool Scaled, typename T>
 inline void l2_delta_inplace(T* __restrict__ xs, const T* __restrict__ x0s,
-                             const T* __restrict__ gs, int64_t d, T step) {
-  for (int64_t j = 0; j < d; ++j) xs[j] = l2_delta<T>(xs[j], x0s[j], gs[j], step);
+                             const T* __restrict__ gs, int64_t d, T div, T step) {
+  const T gdiv = Scaled ? div : T(1);
+  for (int64_t j = 0; j < d; ++j) xs[j] = l2_delta<T>(xs[j], x0s[j], gs[j], gdiv, step);
 }
 
 // One sample of the L2 step over its (cache-resident) elements: the gradient's norm,
@@ -89,18 +123,28 @@ inline void l2_delta_inplace(T* __restrict__ xs, const T* __restrict__ x0s,
 template <typename S, typename T>
 inline void l2_sample(S* __restrict__ xs, const S* __restrict__ x0s, const S* __restrict__ gs,
                       T* __restrict__ buf, int64_t d, T alpha, T eps, T lo, T hi) {
-  const T step =
-      l2_step_scale<T>(alpha, static_cast<T>(std::sqrt(sum_squares<S, T>(gs, d))));
+  T gdiv, gr;
+  norm_parts<S, T>(gs, d, gdiv, gr);
+  const T step = l2_step_scale<T>(alpha, gr);
   T* delta;
   if constexpr (std::is_same_v<S, T>) {
     delta = xs;
-    l2_delta_inplace<T>(xs, x0s, gs, d, step);
+    if (gdiv == T(1)) {
+      l2_delta_inplace<false, T>(xs, x0s, gs, d, gdiv, step);
+    } else {
+      l2_delta_inplace<true, T>(xs, x0s, gs, d, gdiv, step);
+    }
   } else {
     delta = buf;
-    l2_delta_pass<S, T>(xs, x0s, gs, buf, d, step);
+    if (gdiv == T(1)) {
+      l2_delta_pass<false, S, T>(xs, x0s, gs, buf, d, gdiv, step);
+    } else {
+      l2_delta_pass<true, S, T>(xs, x0s, gs, buf, d, gdiv, step);
+    }
   }
-  const T proj =
-      l2_project_scale<T>(eps, static_cast<T>(std::sqrt(sum_squares<T, T>(delta, d))));
+  T ddiv, dr;
+  norm_parts<T, T>(delta, d, ddiv, dr);
+  const T proj = l2_project_scale<T>(eps, ddiv, dr);
   // Pass 3: project onto the ball and the box.
   for (int64_t j = 0; j < d; ++j) {
     xs[j] = static_cast<S>(l2_finish<T>(static_cast<T>(x0s[j]), delta[j], proj, lo, hi));

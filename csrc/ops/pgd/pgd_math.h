@@ -5,10 +5,15 @@
 //        with s_step = alpha / ||g||_2 (0 when g == 0) and
 //        s_proj = min(1, eps / ||x + s_step * g - x0||_2), both per sample.
 //
+// L2 norms are taken scaled: ||v|| = m * ||v / m|| with m = max_j |v_j| (see
+// norm_divisor), so no square underflows or overflows. Unscaled, float32 gradients below
+// ~1e-19 (or above ~1e19) gave ||g|| = 0 (or inf) and the sample did not move.
+//
 // Everything here is branch-light and free of libm calls, so the CPU loop vectorises.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #include "../../common/host_device.h"
@@ -82,26 +87,72 @@ SAFEDL_HOST_DEVICE T linf_project(T x, T x0, T eps, T lo, T hi) {
   return clamp_to(clamp_to_ball(x, x0, eps), lo, hi);
 }
 
-// Per-sample factor that turns g into a step of L2 length alpha: alpha / ||g||.
-// A zero (or NaN) gradient gives 0: the sample does not move. So does a gradient so
-// small (a denormal norm) that alpha / ||g|| overflows to infinity.
+// ---- L2 norms, scaled ----------------------------------------------------------------
+//
+// Per sample: m = max_j |v_j| (fold max_abs over the elements, from 0), then
+// div = norm_divisor(m), r = sqrt(sum_j scaled(v_j, div)^2) and ||v|| = div * r.
+// For finite non-zero v, r lies in [1, sqrt(d)]: its squares neither underflow nor
+// overflow. A zero v gives div = 1 and r = 0; a NaN (inf) in v gives div = 1 and r NaN
+// (inf), the values the unscaled norm gives.
+//
+// The drivers first sum the unscaled squares (one pass, no division); where
+// norm_is_accurate says that sum is as good as the scaled one they use it with div = 1
+// (the same quantity up to rounding), and only otherwise take the two scaled passes.
+
+// Whether an unscaled sum of squares (of d elements) is as accurate as the scaled one:
+// no square overflowed, and the squares that underflowed, each off by at most the
+// smallest denormal, sum to under epsilon^2 of it (the floor is min / epsilon per element).
+template <typename T>
+SAFEDL_HOST_DEVICE bool norm_is_accurate(T sumsq, int64_t d) {
+  const T floor = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
+  return sumsq <= std::numeric_limits<T>::max() && sumsq >= floor * static_cast<T>(d);
+}
+
+// Running max of |v| that propagates NaN (as torch.amax does), for m.
+template <typename T>
+SAFEDL_HOST_DEVICE T max_abs(T m, T v) {
+  const T a = v < T(0) ? -v : v;
+  return max_nan(a, m);
+}
+
+// The divisor of a sample's elements: m itself when it is positive and finite, else 1.
+template <typename T>
+SAFEDL_HOST_DEVICE T norm_divisor(T m) {
+  return (m > T(0) && m <= std::numeric_limits<T>::max()) ? m : T(1);
+}
+
+// One element divided by its sample's divisor (|result| <= 1 for finite input). A
+// division, not a multiplication by 1 / div: 1 / div overflows for denormal div.
+template <typename T>
+SAFEDL_HOST_DEVICE T scaled(T v, T div) {
+  return div == T(1) ? v : v / div;  // v / 1 == v: the select only skips the division
+}
+
+// Per-sample factor that turns the scaled gradient u = g / div into a step of L2 length
+// alpha: alpha / ||u||, with ||u|| = r as above. A zero (or NaN) gradient gives 0: the
+// sample does not move. (With r >= 1 for finite g, alpha / r cannot overflow; the guard
+// stays for callers that pass an unscaled norm.)
 template <typename T>
 SAFEDL_HOST_DEVICE T l2_step_scale(T alpha, T grad_norm) {
   const T s = grad_norm > T(0) ? alpha / grad_norm : T(0);
   return s <= std::numeric_limits<T>::max() ? s : T(0);
 }
 
-// Per-sample factor that shrinks a perturbation of L2 length delta_norm onto the
-// ball of radius eps: min(1, eps / delta_norm).
+// Per-sample factor that shrinks a perturbation of L2 length div * r onto the ball of
+// radius eps: min(1, eps / (div * r)), computed as (eps / div) / r so that neither the
+// norm nor the quotient overflows. 1 inside the ball and for a NaN norm (as
+// `norm > eps ? eps / norm : 1` gives).
 template <typename T>
-SAFEDL_HOST_DEVICE T l2_project_scale(T eps, T delta_norm) {
-  return delta_norm > eps ? eps / delta_norm : T(1);
+SAFEDL_HOST_DEVICE T l2_project_scale(T eps, T div, T r) {
+  const T q = eps / div;
+  return r > q ? q / r : T(1);
 }
 
-// delta for one element after the L2 step (before projection).
+// delta for one element after the L2 step (before projection), from the gradient's
+// divisor and the step scale of the scaled gradient.
 template <typename T>
-SAFEDL_HOST_DEVICE T l2_delta(T x, T x0, T g, T step_scale) {
-  return (x + step_scale * g) - x0;
+SAFEDL_HOST_DEVICE T l2_delta(T x, T x0, T g, T grad_div, T step_scale) {
+  return (x + step_scale * scaled(g, grad_div)) - x0;
 }
 
 // Final value of one element after projection onto the ball and the box.
