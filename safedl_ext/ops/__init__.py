@@ -150,7 +150,9 @@ def pgd_step_(
     ``[lo, hi]``. L2: a step of L2 length ``alpha`` along ``grad / ||grad||_2`` per sample
     (zero gradient: no move), projected onto the L2 ball of radius ``eps`` around ``x0``
     per sample, then onto ``[lo, hi]``. One read of each input and one write, instead of a
-    chain of temporaries.
+    chain of temporaries. L2 norms are taken scaled by the sample's max-abs, so a gradient of
+    any finite size (1e-30 or 1e30 in float32) still steps ``alpha``. A NaN in ``x_adv`` or
+    ``x0`` gives NaN in the result; float16 and bfloat16 are computed in float32.
 
     Args:
         x_adv: (N, ...) float tensor, updated in place (may be non-contiguous).

@@ -38,6 +38,22 @@ def _per_sample(p: Tensor, n: int, ndim: int, dtype: torch.dtype) -> Tensor:
     return p.reshape((n,) + (1,) * (ndim - 1))
 
 
+def _l2_norm_parts(v: Tensor) -> tuple[Tensor, Tensor]:
+    """Each sample's L2 norm as ``div * r``, shaped to broadcast against ``v`` (N, ...).
+
+    ``div`` is the sample's max-abs (1 when that is 0, inf or NaN) and ``r`` the norm of
+    ``v / div``, so no square underflows or overflows: unscaled, float32 elements below
+    ~1e-19 or above ~1e19 gave a norm of 0 or inf (pgd_math.h, norm_divisor).
+    """
+    n = v.shape[0]
+    flat = v.reshape(n, -1)
+    m = flat.abs().amax(dim=1, keepdim=True)  # NaN if the sample holds one
+    div = torch.where((m > 0) & (m <= torch.finfo(v.dtype).max), m, torch.ones_like(m))
+    r = torch.linalg.vector_norm(flat / div, dim=1, keepdim=True)
+    shape = (n,) + (1,) * (v.dim() - 1)
+    return div.reshape(shape), r.reshape(shape)
+
+
 def pgd_step_(
     x_adv: Tensor,
     x0: Tensor,
@@ -70,16 +86,16 @@ def pgd_step_(
         out = x + a * torch.sign(g)
         out = torch.minimum(torch.maximum(out, c - e), c + e)
     elif norm == "l2":
-        flat = (n, -1)
-        gnorm = torch.linalg.vector_norm(g.reshape(flat), dim=1)
-        gnorm = gnorm.reshape((n,) + (1,) * (x.dim() - 1))
-        step = a / gnorm
-        # Zero gradient, or one so small that alpha / ||g|| overflows: no move.
-        step = torch.where((gnorm > 0) & torch.isfinite(step), step, torch.zeros_like(step))
-        delta = (x + step * g) - c
-        dnorm = torch.linalg.vector_norm(delta.reshape(flat), dim=1)
-        dnorm = dnorm.reshape(gnorm.shape)
-        proj = torch.where(dnorm > e, e / dnorm, torch.ones_like(dnorm))
+        if x_adv.numel() == 0:
+            return
+        gdiv, gr = _l2_norm_parts(g)
+        step = a / gr
+        # Zero (or NaN) gradient: no move.
+        step = torch.where((gr > 0) & torch.isfinite(step), step, torch.zeros_like(step))
+        delta = (x + step * (g / gdiv)) - c
+        ddiv, dr = _l2_norm_parts(delta)
+        q = e / ddiv
+        proj = torch.where(dr > q, q / dr, torch.ones_like(dr))
         out = c + delta * proj
     else:
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")

@@ -93,6 +93,49 @@ void test_clamp_to() {
   EXPECT(std::isnan(clamp_to<T>(nan, T(0), T(1))), "[%s] clamp_to(NaN, 0, 1) is not NaN", t);
 }
 
+// max_nan is torch.maximum: NaN from either side. clamp_to_ball: NaN from v or x0.
+template <typename T>
+void test_nan_propagation() {
+  const char* t = type_name<T>();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T inf = std::numeric_limits<T>::infinity();
+  EXPECT(same(max_nan<T>(T(1), T(2)), T(2)) && same(max_nan<T>(T(3), T(2)), T(3)),
+         "[%s] max_nan of numbers is not the max", t);
+  EXPECT(std::isnan(max_nan<T>(nan, T(2))) && std::isnan(max_nan<T>(T(2), nan)),
+         "[%s] max_nan drops a NaN", t);
+  EXPECT(std::isnan(clamp_to_ball<T>(T(0.5), nan, T(0.1))),
+         "[%s] clamp_to_ball(0.5, x0=NaN) is not NaN", t);
+  EXPECT(std::isnan(clamp_to_ball<T>(nan, T(0.5), T(0.1))),
+         "[%s] clamp_to_ball(NaN, x0=0.5) is not NaN", t);
+  EXPECT(same(clamp_to_ball<T>(T(0.9), T(0.5), T(0.25)), T(0.75)),
+         "[%s] clamp_to_ball(0.9, 0.5, 0.25) != 0.75", t);
+  // Infinite x0: the ball is {x0}, as torch.maximum/minimum with infinite bounds give.
+  EXPECT(same(clamp_to_ball<T>(T(0.5), inf, T(0.1)), inf) &&
+             same(clamp_to_ball<T>(T(0.5), -inf, T(0.1)), -inf),
+         "[%s] clamp_to_ball with infinite x0 is not x0", t);
+  // The step: NaN in x0 or x gives NaN (was x + alpha for a NaN x0).
+  for (const T g : {T(1), T(-1), T(0)}) {
+    EXPECT(std::isnan(linf_step<T>(T(0.5), nan, g, T(0.1), T(0.2), T(0), T(1))),
+           "[%s] linf_step with x0 = NaN, g = %g is not NaN", t, double(g));
+    EXPECT(std::isnan(linf_step<T>(nan, T(0.5), g, T(0.1), T(0.2), T(0), T(1))),
+           "[%s] linf_step with x = NaN, g = %g is not NaN", t, double(g));
+    EXPECT(std::isnan(linf_project<T>(T(0.5), nan, T(0.2), T(0), T(1))),
+           "[%s] linf_project with x0 = NaN is not NaN", t);
+  }
+}
+
+template <typename T>
+void test_budget_ok() {
+  const char* t = type_name<T>();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T inf = std::numeric_limits<T>::infinity();
+  EXPECT(budget_ok<T>(T(0)) && budget_ok<T>(T(0.03)) && budget_ok<T>(std::numeric_limits<T>::max()),
+         "[%s] budget_ok refuses a valid value", t);
+  EXPECT(!budget_ok<T>(T(-0.1)) && !budget_ok<T>(nan) && !budget_ok<T>(inf) &&
+             !budget_ok<T>(-inf) && !budget_ok<T>(-std::numeric_limits<T>::denorm_min()),
+         "[%s] budget_ok accepts a negative or non-finite value", t);
+}
+
 // linf_step on a grid: the result equals an independently written reference (clamp to
 // the intersection of ball and box) and lies inside both whenever x0 is in the box.
 template <typename T>
@@ -170,28 +213,96 @@ void test_l2_scales() {
   // A denormal norm: alpha / norm overflows to inf; the sample must not move.
   EXPECT(same(l2_step_scale<T>(T(1), std::numeric_limits<T>::denorm_min()), T(0)),
          "[%s] l2_step_scale(1, denorm_min) != 0", t);
-  // Projection scale: 1 inside the ball (and on its surface), eps / n outside.
-  EXPECT(same(l2_project_scale<T>(T(0.5), T(0)), T(1)), "[%s] l2_project_scale(0.5, 0) != 1", t);
-  EXPECT(same(l2_project_scale<T>(T(0.5), T(0.25)), T(1)),
-         "[%s] l2_project_scale(0.5, 0.25) != 1", t);
-  EXPECT(same(l2_project_scale<T>(T(0.5), T(0.5)), T(1)),
-         "[%s] l2_project_scale(0.5, 0.5) != 1", t);
-  EXPECT(same(l2_project_scale<T>(T(0.5), T(2)), T(0.25)),
-         "[%s] l2_project_scale(0.5, 2) != 0.25", t);
+  // Projection scale (div = 1: the unscaled norm): 1 inside the ball (and on its
+  // surface), eps / n outside.
+  const T one = T(1);
+  EXPECT(same(l2_project_scale<T>(T(0.5), one, T(0)), T(1)),
+         "[%s] l2_project_scale(0.5, 1, 0) != 1", t);
+  EXPECT(same(l2_project_scale<T>(T(0.5), one, T(0.25)), T(1)),
+         "[%s] l2_project_scale(0.5, 1, 0.25) != 1", t);
+  EXPECT(same(l2_project_scale<T>(T(0.5), one, T(0.5)), T(1)),
+         "[%s] l2_project_scale(0.5, 1, 0.5) != 1", t);
+  EXPECT(same(l2_project_scale<T>(T(0.5), one, T(2)), T(0.25)),
+         "[%s] l2_project_scale(0.5, 1, 2) != 0.25", t);
   const T n = T(3), eps = T(0.7);
-  EXPECT(same(l2_project_scale<T>(eps, n), eps / n), "[%s] l2_project_scale(0.7, 3) != 0.7/3", t);
-  EXPECT(same(l2_project_scale<T>(T(0), T(1)), T(0)), "[%s] l2_project_scale(0, 1) != 0", t);
+  EXPECT(same(l2_project_scale<T>(eps, one, n), eps / n),
+         "[%s] l2_project_scale(0.7, 1, 3) != 0.7/3", t);
+  EXPECT(same(l2_project_scale<T>(T(0), one, T(1)), T(0)),
+         "[%s] l2_project_scale(0, 1, 1) != 0", t);
+  EXPECT(same(l2_project_scale<T>(T(0.5), one, nan), T(1)),
+         "[%s] l2_project_scale(0.5, 1, NaN) != 1", t);
+  // Scaled: ||delta|| = div * r, never formed. A huge div: (eps / div) / r, a denormal
+  // here (the unscaled norm, inf, gave 0); a tiny div: eps / div overflows, inside the ball.
+  const T big = std::numeric_limits<T>::max() / T(4);
+  const T tiny = std::numeric_limits<T>::denorm_min();
+  const T huge_proj = l2_project_scale<T>(T(0.5), big, T(2));
+  EXPECT(same(huge_proj, (T(0.5) / big) / T(2)) && huge_proj > T(0),
+         "[%s] l2_project_scale(0.5, max/4, 2) = %g", t, double(huge_proj));
+  EXPECT(same(l2_project_scale<T>(T(0.5), tiny, T(2)), T(1)),
+         "[%s] l2_project_scale(0.5, denorm_min, 2) != 1", t);
+  EXPECT(same(l2_project_scale<T>(T(3) * tiny, T(4) * tiny, T(1.25)), T(0.6)),
+         "[%s] l2_project_scale(3 dmin, 4 dmin, 1.25) != 0.6", t);
 }
 
-// One full L2 step on a 2-element sample, the way the CPU driver does it.
+// The pieces of the scaled norm.
+template <typename T>
+void test_norm_pieces() {
+  const char* t = type_name<T>();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T inf = std::numeric_limits<T>::infinity();
+  const T tiny = std::numeric_limits<T>::denorm_min();
+  EXPECT(same(max_abs<T>(T(0), T(-3)), T(3)) && same(max_abs<T>(T(5), T(-3)), T(5)),
+         "[%s] max_abs is not the max of |v|", t);
+  EXPECT(std::isnan(max_abs<T>(T(0), nan)) && std::isnan(max_abs<T>(nan, T(7))),
+         "[%s] max_abs drops a NaN", t);
+  EXPECT(same(norm_divisor<T>(T(4)), T(4)) && same(norm_divisor<T>(tiny), tiny),
+         "[%s] norm_divisor of a positive finite m is not m", t);
+  EXPECT(same(norm_divisor<T>(T(0)), T(1)) && same(norm_divisor<T>(inf), T(1)) &&
+             same(norm_divisor<T>(nan), T(1)),
+         "[%s] norm_divisor of 0, inf or NaN is not 1", t);
+  EXPECT(same(scaled<T>(T(3) * tiny, T(4) * tiny), T(0.75)) && same(scaled<T>(nan, T(1)), nan),
+         "[%s] scaled is not v / div", t);
+  // The unscaled sum of squares is used only where it is exact enough.
+  EXPECT(norm_is_accurate<T>(T(1), 1000) && norm_is_accurate<T>(T(1e-20), 10),
+         "[%s] norm_is_accurate refuses an ordinary sum", t);
+  EXPECT(!norm_is_accurate<T>(T(0), 10) && !norm_is_accurate<T>(inf, 10) &&
+             !norm_is_accurate<T>(nan, 10) &&
+             !norm_is_accurate<T>(std::numeric_limits<T>::min(), 10),
+         "[%s] norm_is_accurate accepts 0, inf, NaN or an underflowing sum", t);
+}
+
+// ||v|| as div * r, the way the drivers compute it (unscaled where that is accurate).
+template <typename T>
+void norm_parts(const T* v, int n, T& div, T& r) {
+  T sumsq = T(0);
+  for (int j = 0; j < n; ++j) sumsq += v[j] * v[j];
+  div = T(1);
+  if (!norm_is_accurate<T>(sumsq, n)) {
+    T m = T(0);
+    for (int j = 0; j < n; ++j) m = max_abs<T>(m, v[j]);
+    div = norm_divisor<T>(m);
+    if (div != T(1)) {
+      T s = T(0);
+      for (int j = 0; j < n; ++j) s += scaled<T>(v[j], div) * scaled<T>(v[j], div);
+      r = std::sqrt(s);
+      return;
+    }
+  }
+  r = std::sqrt(sumsq);
+}
+
+// One full L2 step on a 2-element sample, the way the drivers do it.
 template <typename T>
 void l2_step_2(const T x[2], const T x0[2], const T g[2], T alpha, T eps, T lo, T hi,
                T out[2]) {
-  const T step = l2_step_scale<T>(alpha, std::sqrt(g[0] * g[0] + g[1] * g[1]));
+  T gdiv, gr;
+  norm_parts<T>(g, 2, gdiv, gr);
+  const T step = l2_step_scale<T>(alpha, gr);
   T delta[2];
-  for (int j = 0; j < 2; ++j) delta[j] = l2_delta<T>(x[j], x0[j], g[j], step);
-  const T proj =
-      l2_project_scale<T>(eps, std::sqrt(delta[0] * delta[0] + delta[1] * delta[1]));
+  for (int j = 0; j < 2; ++j) delta[j] = l2_delta<T>(x[j], x0[j], g[j], gdiv, step);
+  T ddiv, dr;
+  norm_parts<T>(delta, 2, ddiv, dr);
+  const T proj = l2_project_scale<T>(eps, ddiv, dr);
   for (int j = 0; j < 2; ++j) out[j] = l2_finish<T>(x0[j], delta[j], proj, lo, hi);
 }
 
@@ -248,14 +359,54 @@ void test_l2_full_step() {
   }
 }
 
+// Gradients and perturbations at the ends of the dtype's range: (3, 4) * 2^k. Their
+// squares underflow or overflow, but the scaled norm makes every k give the step of
+// k = 0 exactly (before: no move, or a perturbation projected to nothing).
+template <typename T>
+void test_l2_extreme_scales() {
+  const char* t = type_name<T>();
+  const int lo_exp = std::numeric_limits<T>::min_exponent - std::numeric_limits<T>::digits + 2;
+  const int hi_exp = std::numeric_limits<T>::max_exponent - 4;
+  const int exps[] = {lo_exp, lo_exp + 5, std::numeric_limits<T>::min_exponent - 1,
+                      -80, -40, 0, 40, 80, hi_exp};
+  for (const int k : exps) {
+    if (k < lo_exp || k > hi_exp) continue;  // (-80 and 80 still fit float)
+    // The step, as test_l2_full_step's first case: ends on (0.875, 1.0).
+    const T x0[2] = {T(0.5), T(0.5)}, x[2] = {T(0.5), T(0.5)};
+    const T g[2] = {std::ldexp(T(3), k), std::ldexp(T(4), k)};
+    T out[2];
+    l2_step_2<T>(x, x0, g, T(1.25), T(0.625), T(0), T(1), out);
+    EXPECT(same(out[0], T(0.875)) && same(out[1], T(1)),
+           "[%s] L2 step with g = (3, 4) * 2^%d gave (%.17g, %.17g), want (0.875, 1)", t, k,
+           double(out[0]), double(out[1]));
+    // Inside the ball: a step of length exactly alpha = 0.125 along (0.6, 0.8).
+    l2_step_2<T>(x, x0, g, T(0.125), T(1), T(0), T(1), out);
+    EXPECT(same(out[0], T(0.5) + T(0.075)) && same(out[1], T(0.5) + T(0.1)),
+           "[%s] L2 step of 0.125 with g = (3, 4) * 2^%d gave (%.17g, %.17g)", t, k,
+           double(out[0]), double(out[1]));
+    // The projection of a perturbation (3, 4) * 2^k onto the ball of radius 2.5 * 2^k:
+    // halved, exactly.
+    const T z[2] = {T(0), T(0)};
+    const T big = std::numeric_limits<T>::max();
+    l2_step_2<T>(g, z, z, T(0), std::ldexp(T(2.5), k), -big, big, out);
+    EXPECT(same(out[0], std::ldexp(T(1.5), k)) && same(out[1], std::ldexp(T(2), k)),
+           "[%s] L2 projection of (3, 4) * 2^%d onto radius 2.5 * 2^%d gave (%.17g, "
+           "%.17g)", t, k, k, double(out[0]), double(out[1]));
+  }
+}
+
 template <typename T>
 void test_all() {
   test_sign_of<T>();
   test_signed_step<T>();
   test_clamp_to<T>();
+  test_nan_propagation<T>();
+  test_budget_ok<T>();
   test_linf_step_grid<T>();
   test_l2_scales<T>();
+  test_norm_pieces<T>();
   test_l2_full_step<T>();
+  test_l2_extreme_scales<T>();
 }
 
 #ifdef SAFEDL_TEST_OPS_LIBRARY
@@ -309,6 +460,22 @@ void test_ops_library() {
     threw = true;
   }
   EXPECT(threw, "pgd_step_ with norm='l3' did not throw");
+  // The op checks eps and alpha itself (the raw op is documented).
+  for (const float bad : {-0.1f, std::numeric_limits<float>::quiet_NaN()}) {
+    threw = false;
+    try {
+      op.call(x, x0, grad, at::tensor({0.1f}), at::tensor({0.1f, bad}), "linf", 0.0, 1.0);
+    } catch (const c10::ValueError& err) {
+      threw = std::string(err.what()).find("eps must be >= 0 and finite") != std::string::npos;
+    }
+    EXPECT(threw, "pgd_step_ with eps = %g did not raise the eps error", double(bad));
+  }
+  // Half precision on the CPU: computed in float, stored in half (the L-inf case above).
+  at::Tensor xh = x0.to(at::kHalf);
+  op.call(xh, x0.to(at::kHalf), grad.to(at::kHalf), at::tensor({0.125f}),
+          at::tensor({0.25f, 0.0625f}), "linf", 0.0, 1.0);
+  EXPECT(at::equal(xh.to(at::kFloat), want_linf), "half linf pgd_step_ gave %s",
+         c10::str(xh.flatten()).c_str());
 }
 #endif
 

@@ -110,28 +110,39 @@ def test_channels_last_inputs(device, norm):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_opcheck(norm):
-    x0, grad, start = _case(n=4, shape=(3, 4, 4))
+def test_opcheck(norm, dtype):
+    x0, grad, start = _case(n=4, shape=(3, 4, 4), dtype=dtype)
     args = (start.clone(), x0, grad, torch.tensor(0.01), torch.full((4,), 0.1), norm, 0.0, 1.0)
     torch.library.opcheck(torch.ops.safedl.pgd_step_.default, args)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @needs_native
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_half_precision_cuda(dtype, norm):
-    x0, grad, start = _case(dtype=dtype, device="cuda")
-    a, e = torch.tensor(0.01, device="cuda"), torch.tensor(0.03, device="cuda")
+@pytest.mark.parametrize("kind", ["scalar", "per_sample"])
+def test_half_precision(device, dtype, norm, kind):
+    # Stored in half or bfloat16, computed in float32 (alpha and eps come in float32, as
+    # ops.as_budget passes them), rounded once on the way out: as the reference does.
+    x0, grad, start = _case(dtype=dtype, device=device)
+    a, e = _params(kind, x0.shape[0], device, torch.float32)
+    if norm == "l2":
+        a, e = a * 20, e * 5
     got, want = start.clone(), start.clone()
     torch.ops.safedl.pgd_step_(got, x0, grad, a, e, norm, 0.0, 1.0)
     reference.pgd_step_(want, x0, grad, a, e, norm, 0.0, 1.0)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
-    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
-    assert torch.compile(lambda *a: ops.pgd_step_(*a))(start.clone(), x0, grad, 0.01,
-                                                       0.03, norm) is not None
+    assert got.dtype == dtype and not torch.equal(got, start)
+    if norm == "linf":
+        assert torch.equal(got, want)  # the same float32 arithmetic, the same rounding
+    else:
+        # At most one rounding step of the storage type apart.
+        ulp = torch.finfo(dtype).eps
+        torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=ulp)
+    if device == "cuda":  # (on the CPU, test_torch_compile_sees_the_op covers compile)
+        assert torch.compile(lambda *a: ops.pgd_step_(*a))(start.clone(), x0, grad, 0.01,
+                                                           0.03, norm) is not None
 
 
 @needs_native
@@ -190,12 +201,94 @@ def test_zero_gradient_does_not_move(norm):
     assert torch.equal(xa, x0)
 
 
-def test_l2_denormal_gradient_does_not_move():
-    # Found by the property test: ||g|| is a denormal, alpha / ||g|| overflows to inf.
+def test_l2_denormal_gradient_with_zero_eps_stays_at_x0():
+    # Found by the property test: ||g|| is a denormal, alpha / ||g|| overflowed to inf.
+    # The step now has length alpha; eps = 0 projects it back onto x0.
     x0 = torch.full((1, 1), 0.5)
     xa = x0.clone()
     ops.pgd_step_(xa, x0, torch.tensor([[4.28e-41]]), 1.0, 0.0, "l2")
     assert torch.equal(xa, x0)
+
+
+def _step_impls():
+    impls = [pytest.param(reference.pgd_step_, id="reference")]
+    if NATIVE:
+        impls.append(pytest.param(torch.ops.safedl.pgd_step_, id="native"))
+    return impls
+
+
+# Gradient magnitudes whose squares underflow (to zero or denormals) or overflow in the
+# dtype: a norm computed without scaling is 0 or inf and the sample did not move.
+EXTREME_SCALES = [
+    pytest.param(torch.float32, 1e-30, id="f32-1e-30"),
+    pytest.param(torch.float32, 1e-40, id="f32-denormal"),
+    pytest.param(torch.float32, 1e30, id="f32-1e30"),
+    pytest.param(torch.float32, 3e37, id="f32-3e37"),
+    pytest.param(torch.float64, 1e-200, id="f64-1e-200"),
+    pytest.param(torch.float64, 1e200, id="f64-1e200"),
+]
+
+
+@pytest.mark.parametrize("impl", _step_impls())
+@pytest.mark.parametrize(("dtype", "scale"), EXTREME_SCALES)
+def test_l2_extreme_gradient_steps_alpha_and_projects(impl, dtype, scale):
+    g = torch.Generator().manual_seed(3)
+    n, d = 4, 300
+    x0 = torch.full((n, d), 0.5, dtype=dtype)
+    grad = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    grad[:, ::7] = 0
+    assert bool((grad != 0).any(1).all()) and bool(torch.isfinite(grad).all())
+    # Inside the ball: a step of L2 length alpha.
+    alpha = torch.tensor([0.05, 0.1, 0.2, 0.3], dtype=dtype)
+    xa = x0.clone()
+    impl(xa, x0, grad, alpha, torch.tensor(10.0, dtype=dtype), "l2", -1.0, 2.0)
+    torch.testing.assert_close((xa - x0).double().norm(dim=1), alpha.double(), rtol=1e-5,
+                               atol=0)
+    # ... along g: the direction of the step is g's.
+    cos = torch.nn.functional.cosine_similarity((xa - x0).double(), grad.double() / scale)
+    assert float(cos.min()) > 1 - 1e-5
+    # A longer step is projected back onto the ball.
+    eps = torch.tensor(0.15, dtype=dtype)
+    xb = x0.clone()
+    impl(xb, x0, grad, torch.tensor(1.0, dtype=dtype), eps, "l2", -1.0, 2.0)
+    norms = (xb - x0).double().norm(dim=1)
+    assert float(norms.max()) <= 0.15 * (1 + 1e-5) and float(norms.min()) >= 0.15 * (1 - 1e-5)
+
+
+@pytest.mark.parametrize("impl", _step_impls())
+@pytest.mark.parametrize(("dtype", "scale"), EXTREME_SCALES)
+def test_l2_projection_of_extreme_perturbations(impl, dtype, scale):
+    # delta = x - x0 itself tiny or huge: ||delta|| must not read 0 or inf.
+    g = torch.Generator().manual_seed(4)
+    n, d = 3, 200
+    big = float(torch.finfo(dtype).max)
+    x0 = torch.zeros(n, d, dtype=dtype)
+    xa = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    eps = torch.tensor(scale, dtype=torch.float64).to(dtype)  # ||delta|| ~ 14 scale
+
+    def norms(t):  # in units of scale: the test's own norm must not underflow either
+        return (t.double() / scale).norm(dim=1)
+
+    assert bool((norms(xa) > 10).all())
+    impl(xa, x0, torch.zeros_like(xa), torch.tensor(0.0, dtype=dtype), eps, "l2", -big, big)
+    torch.testing.assert_close(norms(xa), torch.full((n,), float(eps) / scale,
+                                                     dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize(("dtype", "scale"), EXTREME_SCALES)
+def test_l2_extreme_scales_native_matches_reference(dtype, scale):
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(6, 40, generator=g, dtype=torch.float64).to(dtype)
+    grad = (torch.randn(6, 40, generator=g, dtype=torch.float64) * scale).to(dtype)
+    start = (x0 + 0.1 * torch.randn(6, 40, generator=g, dtype=torch.float64).to(dtype))
+    alpha = torch.linspace(0.0, 0.5, 6, dtype=dtype)
+    eps = torch.tensor(0.3, dtype=dtype)
+    got, want = start.clone(), start.clone()
+    torch.ops.safedl.pgd_step_(got, x0, grad, alpha, eps, "l2", 0.0, 1.0)
+    reference.pgd_step_(want, x0, grad, alpha, eps, "l2", 0.0, 1.0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(got[1:], start[1:].clamp(0, 1))
 
 
 def test_linf_step_direction():
@@ -233,6 +326,46 @@ def test_bad_arguments(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         ops.pgd_step_(**args)
+
+
+@needs_native
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("eps", -0.1), ("eps", float("nan")), ("eps", float("inf")),
+        ("eps", [0.1, float("nan"), 0.1, 0.1]), ("eps", [0.1, 0.1, -1e-9, 0.1]),
+        ("alpha", -0.01), ("alpha", float("nan")), ("alpha", float("-inf")),
+        ("alpha", [0.1, 0.1, 0.1, float("inf")]),
+    ],
+)
+def test_raw_op_rejects_bad_budgets(norm, name, value):
+    # The raw op is documented (README) and must check what the wrapper checks.
+    x0 = torch.rand(4, 5)
+    budgets = {"alpha": torch.tensor(0.1), "eps": torch.tensor(0.1)}
+    budgets[name] = torch.tensor(value)
+    xa = x0.clone()
+    with pytest.raises(ValueError, match=f"{name} must be >= 0 and finite, got"):
+        torch.ops.safedl.pgd_step_(xa, x0, torch.randn(4, 5), budgets["alpha"],
+                                   budgets["eps"], norm, 0.0, 1.0)
+    assert torch.equal(xa, x0)  # nothing written
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("where", ["x0", "x_adv"])
+def test_raw_op_nan_input_gives_nan_as_reference(dtype, norm, where):
+    x0, grad, start = _case(n=4, shape=(10,), dtype=dtype)
+    bad = {"x0": x0, "x_adv": start}[where]
+    bad[2, 3] = float("nan")
+    alpha, eps = torch.tensor(0.5 if norm == "l2" else 0.01), torch.tensor(0.2)
+    got, want = start.clone(), start.clone()
+    torch.ops.safedl.pgd_step_(got, x0, grad, alpha, eps, norm, 0.0, 1.0)
+    reference.pgd_step_(want, x0, grad, alpha, eps, norm, 0.0, 1.0)
+    assert bool(torch.isnan(want[2, 3])) and bool(torch.isnan(got[2, 3]))
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=1e-7)
+    assert bool(torch.isfinite(got[[0, 1, 3]]).all())
 
 
 @needs_native

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "../../common/checks.h"
+#include "pgd_math.h"
 
 namespace safedl {
 namespace pgd {
@@ -84,6 +85,48 @@ struct StepOperands {
 inline std::pair<at::Tensor, int64_t> per_sample_param(const at::Tensor& p,
                                                        at::ScalarType dtype) {
   return {p.to(dtype).contiguous(), p.numel() == 1 ? 0 : 1};
+}
+
+template <typename T>
+inline bool all_budgets_ok(const at::Tensor& p) {
+  const T* v = p.const_data_ptr<T>();
+  bool ok = true;
+  for (int64_t i = 0; i < p.numel(); ++i) ok = ok && budget_ok<T>(v[i]);
+  return ok;
+}
+
+// Every value of alpha and eps (as per_sample_param gives them: contiguous, float or
+// double) is >= 0 and finite; else a ValueError naming the argument and the value. On
+// the CPU a loop over the values; on a GPU one reduction for both and one host read.
+inline void check_budgets(const at::Tensor& alpha, const at::Tensor& eps) {
+  bool ok = true;
+  if (alpha.is_cpu() && eps.is_cpu()) {
+    for (const at::Tensor* p : {&alpha, &eps}) {
+      ok = ok && (p->scalar_type() == at::kDouble ? all_budgets_ok<double>(*p)
+                                                  : all_budgets_ok<float>(*p));
+    }
+  } else {
+    const auto valid = [](const at::Tensor& p) {
+      return at::logical_and(p >= 0, at::isfinite(p)).all();
+    };
+    ok = at::logical_and(valid(alpha), valid(eps)).item<bool>();
+  }
+  if (ok) return;
+  // The error path: find the first bad value.
+  const std::pair<const at::Tensor*, const char*> params[] = {{&alpha, "alpha"},
+                                                               {&eps, "eps"}};
+  for (const auto& [p, name] : params) {
+    const at::Tensor host = p->to(at::kCPU, at::kDouble).contiguous();
+    const double* v = host.const_data_ptr<double>();
+    for (int64_t i = 0; i < host.numel(); ++i) {
+      if (budget_ok<double>(v[i])) continue;
+      if (host.numel() == 1) {
+        TORCH_CHECK_VALUE(false, name, " must be >= 0 and finite, got ", v[i]);
+      }
+      TORCH_CHECK_VALUE(false, name, " must be >= 0 and finite, got ", v[i],
+                        " for sample ", i);
+    }
+  }
 }
 
 }  // namespace pgd
