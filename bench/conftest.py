@@ -121,6 +121,7 @@ def cifar_archives() -> tuple[Path, Path]:
 def cifar_model(cifar_archives) -> tuple[torch.nn.Module, dict]:
     """The trained bench model (eval mode) and its metadata; trained once, then cached."""
     from safedl_ext.data import load_cifar10_jpeg
+    from safedl_ext.report import load_torch_safe, save_torch_atomic
     from safedl_ext.training import accuracy, train_classifier
 
     train_path, test_path = cifar_archives
@@ -129,7 +130,7 @@ def cifar_model(cifar_archives) -> tuple[torch.nn.Module, dict]:
     meta_path = folder / f"{_model_key()}.json"
     model = _build_model()
     if weights.exists() and meta_path.exists():
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_torch_safe(weights, what="bench model"))
         meta = json.loads(meta_path.read_text())
         meta["cached"] = True
         return model.eval(), meta
@@ -151,9 +152,7 @@ def cifar_model(cifar_archives) -> tuple[torch.nn.Module, dict]:
         "torch": torch.__version__,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".pt.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, weights)
+    save_torch_atomic(weights, model.state_dict())
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     meta["cached"] = False
     return model.eval(), meta

@@ -55,12 +55,13 @@ def _k_passes(model, x: torch.Tensor) -> torch.Tensor:
 def cifar_case() -> dict:
     """The bench CNN (trained weights when cached) and 128 CIFAR-10 test images."""
     from safedl_ext.data import load_cifar10_jpeg
+    from safedl_ext.report import load_torch_safe
 
     model = _build_model()
     weights = cache_dir() / f"{_model_key()}.pt"
     trained = weights.exists()
     if trained:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_torch_safe(weights, what="bench model"))
     model.eval()
     archive = data_root() / "cifar10" / "cifar10-test-jpeg.tar.gz"
     if archive.exists():

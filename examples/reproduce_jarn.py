@@ -34,7 +34,13 @@ from safedl_ext.cli import eval_fraction
 from safedl_ext.data import DATASET_STATS, load_dataset, random_crop_flip
 from safedl_ext.defenses import TrainConfig, fit, make_method
 from safedl_ext.models import build_model
-from safedl_ext.report import machine_info, markdown_table, write_json_atomic, write_text_atomic
+from safedl_ext.report import (
+    load_torch_safe,
+    machine_info,
+    markdown_table,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -204,7 +210,7 @@ def sweep(dataset: str, root: Path, radii: list[float], steps: int, seed: int,
         cache_path = folder / "sweep.json"
         cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
         model = _model(dataset, split)
-        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        model.load_state_dict(load_torch_safe(folder / "model.pt", what="model"))
         model.eval()
         accs = {}
         for eps in radii:

@@ -326,11 +326,12 @@ def _as_batches(train: Any, cfg: TrainConfig):
 
 
 def _check_batch(x: Tensor, y: Tensor, model_device: torch.device, dtype: torch.dtype,
-                 num_classes: int | None = None, what: str = "training"
+                 num_classes: int | None = None, what: str = "training", values: bool = True
                  ) -> tuple[Tensor, Tensor]:
     """Types, shapes, finite values in [0, 1] and labels in [0, num_classes): the checks
     the attacks make (``safedl_ext._checks``), so a [0, 255] image or an out-of-range label
-    fails here with a clear message instead of training badly or in torch's IndexError."""
+    fails here with a clear message instead of training badly or in torch's IndexError.
+    ``values=False`` skips the value checks (data already checked whole: no device syncs)."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"{what} inputs must be a float tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
@@ -341,6 +342,8 @@ def _check_batch(x: Tensor, y: Tensor, model_device: torch.device, dtype: torch.
     if y.shape != (x.shape[0],):
         raise ValueError(f"{what} labels must have shape ({x.shape[0]},), got "
                          f"{tuple(y.shape)}")
+    if not values:
+        return x.to(model_device, dtype, non_blocking=True), y.to(model_device).long()
     check_box(x, 0.0, 1.0, f"{what} inputs")
     if y.numel() and int(y.min()) < 0:
         raise ValueError(f"{what} labels must be >= 0, got {int(y.min())}")
@@ -614,7 +617,8 @@ def fit(
             for xb, yb in pass_iter:
                 if step >= stop_at:
                     break
-                xb, yb = _check_batch(xb, yb, device, dtype, num_classes)
+                xb, yb = _check_batch(xb, yb, device, dtype, num_classes,
+                                      values=not isinstance(batches, _TensorBatches))
                 if augment is not None:
                     xb = augment(xb, gen)
                 ctx = StepContext(step=step, total_steps=total, epoch=epoch, generator=gen,
