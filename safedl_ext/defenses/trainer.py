@@ -9,7 +9,8 @@ in-memory tensors or any iterable of ``(x, y)`` batches (a ``DataLoader``):
 - Seeded: the shuffle of epoch ``e`` comes from ``seed`` and ``e``; the methods' noise
   and random starts from one generator whose state is checkpointed.
 - Checkpoints (``OUT/checkpoint.pt``) are written atomically at every epoch end, every
-  ``checkpoint_every`` steps and on Ctrl-C; ``resume=True`` continues from one, mid-epoch
+  ``checkpoint_every`` steps and on Ctrl-C (which takes effect at the next step boundary;
+  a second Ctrl-C stops at once); ``resume=True`` continues from one, mid-epoch
   included, to the weights an uninterrupted run reaches (tensors, ``TensorLoader`` and
   ``DataLoader`` alike), and refuses one written with different settings, other training
   data (count, shapes, a content hash) or another architecture, with one clear message.
@@ -24,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -235,6 +238,63 @@ def _rng_untouched(batches: Any) -> Iterator[None]:
         _set_rng_state(batches, state)
 
 
+def _start_pass(batches: Any, epoch: int, skip: int, epoch_rng: dict[str, Any]
+                ) -> tuple[Iterator[tuple[Tensor, Tensor]], dict[str, Any]]:
+    """The iterator of epoch ``epoch``'s pass, positioned after ``skip`` batches, and the
+    random state the pass started from (to checkpoint).
+
+    A fresh pass records the state it starts from. A mid-epoch resume of a loader replays
+    its pass from that recorded state, fetches and drops the ``skip`` batches already
+    trained on (so the loader's own generators and the global draws of a dataset's
+    augmentation are where they were), then puts the global RNG back to the checkpoint's,
+    before the next batch is fetched. Tensor batches need no replay: their order is a
+    function of (seed, epoch)."""
+    if not skip:
+        state = _rng_state(batches)
+        return batches.epoch(epoch), state
+    if isinstance(batches, _TensorBatches):
+        return batches.epoch(epoch, skip), epoch_rng
+    now = _rng_state(batches)
+    _set_rng_state(batches, epoch_rng)
+    it = batches.epoch(epoch)
+    for _ in range(skip):
+        if next(it, None) is None:
+            break
+    _set_rng_state(batches, now, loader_too=False)
+    return it, epoch_rng
+
+
+class _DeferredInterrupt:
+    """Ctrl-C (SIGINT) while training takes effect at the next step boundary, where the
+    trainer writes a consistent checkpoint and then raises ``KeyboardInterrupt``; a second
+    Ctrl-C interrupts at once (no checkpoint of a half-done step). Only in the main thread
+    (elsewhere signals cannot be handled and nothing changes)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+        self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nsafedl_ext: stopping after this step with a checkpoint (Ctrl-C again to "
+              "stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._old if self._old is not None
+                          else signal.default_int_handler)
+
+
 # ------------------------------------------------------------------ digests
 
 
@@ -248,8 +308,13 @@ def _tensor_digest(t: Tensor) -> str:
         sample = flat[::step].to("cpu", torch.float64 if flat.is_floating_point() else
                                  torch.int64).contiguous()
         h.update(sample.numpy().tobytes())
-        wide = flat.double() if flat.is_floating_point() else flat.long()
-        h.update(f"{float(wide.sum())}|{float(wide.abs().sum())}".encode())
+        if flat.is_floating_point():  # no float64 copy of the data
+            total = flat.sum(dtype=torch.float64)
+            absolute = torch.linalg.vector_norm(flat, 1, dtype=torch.float64)
+        else:
+            total, absolute = flat.sum(dtype=torch.int64), flat.abs().sum(dtype=torch.int64)
+        # Rounded to 10 digits: the sums' last bits depend on the device and the threads.
+        h.update(f"{float(total):.10g}|{float(absolute):.10g}".encode())
     return h.hexdigest()[:16]
 
 
@@ -298,7 +363,9 @@ def _describe_data(d: dict[str, Any]) -> str:
                           for s, t in zip(d.get("shapes", []), d.get("dtypes", []),
                                           strict=False))
     text = f"{d.get('n')} samples" + (f" of {shapes}" if shapes else "")
-    return text + (f", content hash {d['hash']}" if "hash" in d else "") + f" ({d['form']})"
+    text += f", content hash {d['hash']}" if "hash" in d else ""
+    text += f", {d['batches_per_epoch']} batches per epoch" if "batches_per_epoch" in d else ""
+    return text + f" ({d['form']})"
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:
@@ -543,7 +610,8 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, total))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
     settings = _settings(cfg, method)
-    data_digest, model_digest = _data_digest(train), _model_digest(model)
+    data_digest = {**_data_digest(train), "batches_per_epoch": per_epoch}
+    model_digest = _model_digest(model)
 
     step = 0
     resumed: int | None = None
@@ -564,6 +632,8 @@ def fit(
         if "epoch_rng" in state and step % per_epoch:
             epoch_rng = state["epoch_rng"]
         torch.set_rng_state(state["torch_rng"].to("cpu"))
+        if "cuda_rng" in state and device.type == "cuda":  # dropout on the GPU
+            torch.cuda.set_rng_state(state["cuda_rng"].to("cpu"), device)
         if metrics_path is not None and metrics_path.exists():
             lines = metrics_path.read_text().splitlines()
             history = [json.loads(ln) for ln in lines if ln.strip()]
@@ -580,7 +650,9 @@ def fit(
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "method": method.state_dict(),
             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "loader_rng": _rng_state(batches), "epoch_rng": epoch_rng})
+            "loader_rng": _rng_state(batches), "epoch_rng": epoch_rng,
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda"
+               else {})})
 
     def log(rec: dict[str, Any]) -> None:
         history.append(rec)
@@ -598,74 +670,82 @@ def fit(
     bar = tqdm(total=stop_at, initial=step, desc=f"train {method.name}", disable=not progress,
                leave=False)
     test_acc: float | None = None
+    stop = _DeferredInterrupt()
     try:
-        while step < stop_at:
-            epoch, skip = divmod(step, per_epoch)
-            model.train()
-            t_epoch = time.perf_counter()
-            eval_seconds = 0.0
-            if skip:  # mid-epoch resume: replay the pass from its start, then skip
-                now_rng = _rng_state(batches)
-                _set_rng_state(batches, epoch_rng)
-                pass_iter = batches.epoch(epoch, skip)
-                first = next(pass_iter, None)
-                _set_rng_state(batches, now_rng, loader_too=False)
-                pass_iter = itertools.chain([] if first is None else [first], pass_iter)
-            else:
-                epoch_rng = _rng_state(batches)
-                pass_iter = batches.epoch(epoch)
-            for xb, yb in pass_iter:
-                if step >= stop_at:
-                    break
-                xb, yb = _check_batch(xb, yb, device, dtype, num_classes,
-                                      values=not isinstance(batches, _TensorBatches))
-                if augment is not None:
-                    xb = augment(xb, gen)
-                ctx = StepContext(step=step, total_steps=total, epoch=epoch, generator=gen,
-                                  device=device)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
-                                    enabled=amp_dtype is not None):
-                    loss, logits, logs = method.loss(model, xb, yb, ctx)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {float(loss)} at step {step} "
-                                             f"(epoch {epoch}); lower lr or check the data")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip is not None:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params + extra, cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                logs = {**logs, **method.after_step(model, ctx)}
-                step += 1
-                bar.update(1)
-                vals = {"loss": float(loss.detach()),
-                        "acc": float((logits.detach().argmax(1) == yb).float().mean()), **logs}
-                for k, v in vals.items():  # per key: some appear only on some steps
-                    acc_sum[k] = acc_sum.get(k, 0.0) + float(v)
-                    acc_cnt[k] = acc_cnt.get(k, 0) + 1
-                acc_n += 1
-                if step % cfg.log_every == 0 or step == stop_at or step % per_epoch == 0:
-                    now = time.perf_counter()
-                    rec = {"step": step, "epoch": epoch + (step - epoch * per_epoch) / per_epoch,
-                           "lr": opt.param_groups[0]["lr"],
-                           **{k: v / acc_cnt[k] for k, v in acc_sum.items()},
-                           "seconds_per_step": (now - t_log) / acc_n}
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}")
-                    acc_sum, acc_cnt, acc_n, t_log = {}, {}, 0, now
-                    if step % per_epoch == 0 and test is not None:
-                        test_acc = _accuracy(model, test, device, dtype)
-                        rec["test_acc"] = test_acc
-                        t_log = time.perf_counter()
-                        eval_seconds += t_log - now
-                    log(rec)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    checkpoint()
-            train_seconds += time.perf_counter() - t_epoch - eval_seconds
-            checkpoint()
+        with stop:
+            while step < stop_at:
+                epoch, skip = divmod(step, per_epoch)
+                model.train()
+                t_epoch = time.perf_counter()
+                eval_seconds = 0.0
+                pass_iter, epoch_rng = _start_pass(batches, epoch, skip, epoch_rng)
+                while step < stop_at:  # checked before a batch is fetched, not after
+                    batch = next(pass_iter, None)
+                    if batch is None:
+                        raise ValueError(f"the training data yielded {step % per_epoch} "
+                                         f"batches in epoch {epoch}, but its len() is "
+                                         f"{per_epoch}")
+                    xb, yb = _check_batch(*batch, device, dtype, num_classes,
+                                          values=not isinstance(batches, _TensorBatches))
+                    if augment is not None:
+                        xb = augment(xb, gen)
+                    ctx = StepContext(step=step, total_steps=total, epoch=epoch,
+                                      generator=gen, device=device)
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                                        enabled=amp_dtype is not None):
+                        loss, logits, logs = method.loss(model, xb, yb, ctx)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss became {float(loss)} at step {step} "
+                                                 f"(epoch {epoch}); lower lr or check the "
+                                                 "data")
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if cfg.grad_clip is not None:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(params + extra, cfg.grad_clip)
+                    scaler.step(opt)
+                    scaler.update()
+                    sched.step()
+                    logs = {**logs, **method.after_step(model, ctx)}
+                    step += 1
+                    bar.update(1)
+                    end_of_pass = step % per_epoch == 0
+                    if end_of_pass:  # exhaust the pass: a sampler draws its last numbers
+                        next(pass_iter, None)  # when asked for more (RandomSampler)
+                    vals = {"loss": float(loss.detach()),
+                            "acc": float((logits.detach().argmax(1) == yb).float().mean()),
+                            **logs}
+                    for k, v in vals.items():  # per key: some appear only on some steps
+                        acc_sum[k] = acc_sum.get(k, 0.0) + float(v)
+                        acc_cnt[k] = acc_cnt.get(k, 0) + 1
+                    acc_n += 1
+                    if step % cfg.log_every == 0 or step == stop_at or end_of_pass:
+                        now = time.perf_counter()
+                        rec = {"step": step,
+                               "epoch": epoch + (step - epoch * per_epoch) / per_epoch,
+                               "lr": opt.param_groups[0]["lr"],
+                               **{k: v / acc_cnt[k] for k, v in acc_sum.items()},
+                               "seconds_per_step": (now - t_log) / acc_n}
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}")
+                        acc_sum, acc_cnt, acc_n, t_log = {}, {}, 0, now
+                        if end_of_pass and test is not None:
+                            test_acc = _accuracy(model, test, device, dtype)
+                            rec["test_acc"] = test_acc
+                            t_log = time.perf_counter()
+                            eval_seconds += t_log - now
+                        log(rec)
+                    if end_of_pass:
+                        break  # the epoch-end checkpoint below
+                    if stop.requested:  # Ctrl-C: stop at this step boundary, resumable
+                        checkpoint()
+                        raise KeyboardInterrupt
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                        checkpoint()
+                train_seconds += time.perf_counter() - t_epoch - eval_seconds
+                checkpoint()
+                if stop.requested:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        checkpoint()
         bar.close()
         raise
     bar.close()

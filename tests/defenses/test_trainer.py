@@ -265,3 +265,111 @@ def test_fit_checks_the_test_split(digits):
     with pytest.raises(ValueError, match=r"test inputs must lie in"):
         fit(_model(), Standard(), (digits.x_train, digits.y_train), config=CFG,
             test=(digits.x_test * 255, digits.y_test), progress=False)
+
+
+# ------------------------------------------- Ctrl-C, augmenting datasets, epoch ends
+
+
+class _NoisyDigits(torch.utils.data.Dataset):
+    """Digits with per-sample noise from torch's global RNG (as torchvision transforms)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return (self.x[i] + 0.05 * torch.rand(self.x[i].shape)).clamp(0, 1), self.y[i]
+
+
+def _sigint_at(model: torch.nn.Module, when):
+    """A forward hook that sends this process SIGINT once ``when(model, calls)`` holds."""
+    import os
+    import signal
+
+    calls = {"n": 0, "sent": False}
+
+    def hook(module, inputs, output):
+        calls["n"] += 1
+        if not calls["sent"] and when(module, calls["n"]):
+            calls["sent"] = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return model.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("case", ["mid-step", "augmenting-dataset", "during-test-eval"])
+def test_ctrl_c_anywhere_resumes_to_the_same_weights(digits, tmp_path, case):
+    """Ctrl-C takes effect at the next step boundary with a consistent checkpoint: mid
+    forward pass (the step's noise already drawn), between batches of a dataset that
+    augments with the global RNG (with checkpoint_every), and during the end-of-epoch test
+    evaluation (before the sampler's last draw)."""
+    x, y = digits.x_train, digits.y_train
+    cfg = TrainConfig(**{**CFG.__dict__, "checkpoint_every": 5})
+    test = (digits.x_test, digits.y_test) if case == "during-test-eval" else None
+
+    def data():
+        if case == "augmenting-dataset":
+            return torch.utils.data.DataLoader(_NoisyDigits(x, y), batch_size=64,
+                                               shuffle=True, drop_last=True)
+        if case == "during-test-eval":
+            return torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True,
+                drop_last=True, generator=torch.Generator().manual_seed(7))
+        return (x, y)
+
+    method = lambda: make_method("uniform", eps=0.1)  # noqa: E731
+    full = fit(_model(), method(), data(), config=cfg, test=test, progress=False)
+    out = tmp_path / "run"
+    model = _model()
+    if case == "during-test-eval":  # eval mode after the setup's look: the test split's
+        handle = _sigint_at(model, lambda m, n: not m.training and n > 5)
+    else:  # a training forward pass mid-epoch, mid-step
+        handle = _sigint_at(model, lambda m, n: m.training and n == 29)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, method(), data(), config=cfg, test=test, out_dir=out, progress=False)
+    handle.remove()
+    stopped = load_checkpoint(out / "checkpoint.pt")["step"]
+    if case == "during-test-eval":
+        assert stopped == 21  # the epoch's end, once the evaluation is done
+    else:
+        assert 21 < stopped < 42  # mid-epoch: the step boundary after the SIGINT
+    done = fit(_model(seed=5), method(), data(), config=cfg, test=test, out_dir=out,
+               progress=False)
+    assert done.resumed_from == stopped and done.steps == full.steps
+    diff = max(float((p - q).abs().max())
+               for p, q in zip(_weights(full.model), _weights(done.model), strict=True))
+    assert diff == 0.0, f"{case}: resumed weights differ by {diff:.3g}"
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_half_step_checkpoint(digits, tmp_path):
+    import os
+    import signal
+
+    model = _model()
+    sent = {"n": 0}
+
+    def hook(module, inputs, output):
+        sent["n"] += 1
+        if sent["n"] == 30:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    model.register_forward_hook(hook)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, Standard(), (digits.x_train, digits.y_train), config=CFG, out_dir=tmp_path,
+            progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 21  # the epoch end before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_resume_refuses_a_loader_with_another_batch_size(digits, tmp_path):
+    from safedl_ext.data import TensorLoader
+
+    x, y = digits.x_train, digits.y_train
+    fit(_model(), Standard(), TensorLoader(x, y, 64, drop_last=True), config=CFG,
+        out_dir=tmp_path, progress=False, max_steps=3)
+    with pytest.raises(ValueError, match="21 batches per epoch.*now.*42 batches per epoch"):
+        fit(_model(), Standard(), TensorLoader(x, y, 32, drop_last=True), config=CFG,
+            out_dir=tmp_path, progress=False)
