@@ -613,6 +613,19 @@ def _batches(data: Any, batch_size: int) -> tuple[Iterable[tuple[Tensor, Tensor]
                     f"such as a DataLoader, got {type(data).__name__}")
 
 
+def _takes_index(attack: Any) -> bool:
+    """Whether ``attack(x, y, index)`` may be called (an :class:`Attack` of this package,
+    or any callable with an ``index`` parameter); older ``(x, y)`` callables are not."""
+    import inspect
+
+    try:
+        params = inspect.signature(attack).parameters
+    except (TypeError, ValueError):
+        return False
+    return "index" in params or any(p.kind == p.VAR_KEYWORD or p.kind == p.VAR_POSITIONAL
+                                    for p in params.values())
+
+
 def _run_table(
     victim: Callable[[Tensor], Tensor],
     data: Any,
@@ -628,6 +641,7 @@ def _run_table(
 
     batches, total = _batches(data, batch_size)
     correct = {"Clean": 0, **{name: 0 for name in attacks}}
+    takes_index = {name: _takes_index(a) for name, a in attacks.items()}
     seconds = dict.fromkeys(correct, 0.0)
     n = 0
     for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
@@ -648,7 +662,7 @@ def _run_table(
         for name, attack in attacks.items():
             t0 = time.perf_counter()
             try:
-                res = attack(xb, yb, index) if isinstance(attack, Attack) else attack(xb, yb)
+                res = attack(xb, yb, index) if takes_index[name] else attack(xb, yb)
                 if transfer:
                     with _attack_mode(victim), torch.no_grad():
                         adv_logits = victim(res.x_adv)

@@ -118,8 +118,8 @@ def _device(text: str) -> str:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(
                 f"{text}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type != "cpu":
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available here")
     return text
 
 
@@ -478,13 +478,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         def augment(xb: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
             return random_crop_flip(xb, padding=pad, flip=flip, generator=g)
 
+    spec = {"arch": arch, "in_channels": c, "num_classes": k, "mean": list(mean),
+            "std": list(std), "dataset": args.dataset, "classes": split.classes}
+    fresh = args.no_resume or not (out / "checkpoint.pt").exists()
+    if fresh:  # a new run: its model.json is there from the start, interrupted or not
+        write_json_atomic(out / "model.json", spec)
     res = fit(model, method, (split.x_train.to(device), split.y_train.to(device)), config=cfg,
               test=(split.x_test, split.y_test), out_dir=out, resume=not args.no_resume,
               augment=augment, progress=not args.no_progress)
-    # Beside model.pt, once fit has accepted (or refused) the run folder's checkpoint.
-    write_json_atomic(out / "model.json", {"arch": arch, "in_channels": c, "num_classes": k,
-                                          "mean": list(mean), "std": list(std),
-                                          "dataset": args.dataset, "classes": split.classes})
+    if not fresh:  # a resumed run: only once fit has accepted the folder's checkpoint
+        write_json_atomic(out / "model.json", spec)
     print(f"{args.method} {arch} on {args.dataset}: clean test accuracy "
           f"{100 * (res.test_accuracy or 0):.2f}% after {res.steps} steps "
           f"({res.seconds:.1f} s this run)", file=sys.stderr)

@@ -34,8 +34,9 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     """Write ``path`` through ``write(fh)`` on a temporary file in the same folder, then
     ``os.replace``: a reader never sees a half-written file, and an interruption leaves
     the old file intact. The file gets the permissions a plain ``open(path, "w")`` would
-    give (0666 less the umask), not ``mkstemp``'s 0600. Every atomic write of the package
-    (reports, checkpoints, weights, caches) goes through here.
+    give (an existing file's own mode, else 0666 less the umask), not ``mkstemp``'s 0600.
+    Every atomic write of the package (reports, checkpoints, weights, caches) goes
+    through here.
 
     Raises:
         OSError: the folder cannot be created or written (the message names the path).
@@ -48,7 +49,11 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            mode = path.stat().st_mode & 0o7777  # replacing a file keeps its mode
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -92,8 +97,10 @@ def load_torch_safe(path: str | os.PathLike[str], *, what: str = "file",
         raise FileNotFoundError(f"{what} not found: {p}")
     if p.is_dir():
         raise ValueError(f"{what} {p} is a folder, not a file")
-    if p.stat().st_size == 0:
+    size = p.stat().st_size
+    if size == 0:
         raise ValueError(f"{what} {p} is empty (0 bytes)")
+    _check_torch_zip(p, size, what)
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -111,6 +118,32 @@ def load_torch_safe(path: str | os.PathLike[str], *, what: str = "file",
         msg = " ".join(str(err).split()).split(". ")[0][:160]
         raise ValueError(f"{what} {p} is truncated, corrupt or not a torch file "
                          f"({type(err).__name__}: {msg})") from None
+
+
+def _check_torch_zip(p: Path, size: int, what: str) -> None:
+    """A torch file (a zip archive) loads into at most about its own size: ``torch.save``
+    stores its entries uncompressed, so a compressed entry (which could inflate a small
+    file to gigabytes) or entries declaring more bytes than the file holds are refused
+    before ``torch.load`` reads them."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(p):
+            return  # the legacy (pre-1.6) format, or not a torch file: torch.load decides
+        with zipfile.ZipFile(p) as zf:
+            infos = zf.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError) as err:
+        raise ValueError(f"{what} {p} is truncated, corrupt or not a torch file "
+                         f"({type(err).__name__}: {err})") from None
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise ValueError(f"{what} {p} holds compressed entries ({packed[0]}, ...); torch "
+                         "files are stored uncompressed, and a compressed entry can inflate "
+                         "far beyond the file's size: refused")
+    declared = sum(i.file_size for i in infos)
+    if declared > size:
+        raise ValueError(f"{what} {p} declares {declared} bytes of entries in a {size}-byte "
+                         "file: refused")
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_box, check_finite_logits, check_labels
+from ._checks import check_box, check_finite_logits, check_label_range, check_labels
 
 __all__ = ["accuracy", "train_classifier"]
 
@@ -51,7 +51,10 @@ def train_classifier(
         perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
         for i in range(0, x.shape[0], batch_size):
             idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            logits = model(x[idx])
+            if i == 0:  # all labels in [0, K) for a model with K outputs
+                check_label_range(logits.new_empty(y.shape[0], logits.shape[-1]), y)
+            loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

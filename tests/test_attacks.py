@@ -343,3 +343,17 @@ class _Moved(torch.nn.Module):
         d = (x[:, 0, 0, 7] - 0.5).abs()
         bad = ((d > 1e-6) & (d < 0.2))[:, None]
         return torch.where(bad, torch.full_like(z, float("nan")), z)
+
+
+def test_evaluate_still_calls_two_argument_attacks(digits_model, test_set):
+    """Attack subclasses and callables written for ``(x, y)`` keep working."""
+
+    class Old(A.Attack):
+        def __call__(self, x, y):  # the signature before per-sample seeds
+            return A.fgsm(self.model, x, y, eps=0.1)
+
+    rep = A.evaluate(digits_model, test_set, {"old": Old(digits_model),
+                                              "fn": lambda x, y: A.fgsm(digits_model, x, y,
+                                                                        eps=0.1)},
+                     progress=False)
+    assert rep.accuracy["old"] == rep.accuracy["fn"] < rep.accuracy["Clean"]

@@ -115,6 +115,13 @@ def _hostile_files(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(blob[: len(blob) // 2])
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file at all")
+    import zipfile
+
+    torch.save({"w": torch.zeros(1 << 20)}, tmp_path / "big.pt")  # 4 MB stored
+    with zipfile.ZipFile(tmp_path / "big.pt") as src, zipfile.ZipFile(
+            tmp_path / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():  # the same entries, compressed: a 4 KB "zip bomb"
+            dst.writestr(info.filename, src.read(info.filename))
     import io
     import tarfile
 
@@ -146,6 +153,7 @@ def _hostile_files(tmp_path):
     (["evaluate", "--checkpoint", "{tmp}/empty.pt"], "--checkpoint {tmp}/empty.pt is empty"),
     (["evaluate", "--checkpoint", "{tmp}/junk.pt"], "--checkpoint {tmp}/junk.pt is truncated"),
     (["evaluate", "--checkpoint", "{tmp}/evil.pt"], "would need code to load"),
+    (["evaluate", "--checkpoint", "{tmp}/deflated.pt"], "holds compressed entries"),
     (["evaluate", "--checkpoint", "{tmp}/good.pt"], "{tmp}/good.pt does not fit DigitsCNN"),
     (["viz", "gradients", "--model-file", "{tmp}/evil.pt"], "would need code to load"),
     (["viz", "eps", "--dataset", "tensors", "--data", "{tmp}/trunc.pt"], "--data {tmp}/trunc"),
@@ -250,3 +258,6 @@ def test_written_files_get_plain_write_permissions(tmp_path, capsys):
     finally:
         os.umask(old)
     assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "private.txt").chmod(0o640)  # replacing a file keeps its mode, as open() does
+    write_text_atomic(tmp_path / "private.txt", "y")
+    assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o640

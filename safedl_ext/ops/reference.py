@@ -90,7 +90,8 @@ def pgd_step_(
             return
         gdiv, gr = _l2_norm_parts(g)
         step = a / gr
-        # Zero (or NaN) gradient: no move.
+        # Zero gradient: no move. (A NaN gradient also gets step 0, but 0 * NaN keeps
+        # its NaN elements NaN in the result, as in the native op.)
         step = torch.where((gr > 0) & torch.isfinite(step), step, torch.zeros_like(step))
         delta = (x + step * (g / gdiv)) - c
         ddiv, dr = _l2_norm_parts(delta)

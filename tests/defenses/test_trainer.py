@@ -370,6 +370,17 @@ def test_resume_refuses_a_loader_with_another_batch_size(digits, tmp_path):
     x, y = digits.x_train, digits.y_train
     fit(_model(), Standard(), TensorLoader(x, y, 64, drop_last=True), config=CFG,
         out_dir=tmp_path, progress=False, max_steps=3)
-    with pytest.raises(ValueError, match="21 batches per epoch.*now.*42 batches per epoch"):
+    with pytest.raises(ValueError, match=r"21 batches per epoch.*now.*42 batches per epoch"):
         fit(_model(), Standard(), TensorLoader(x, y, 32, drop_last=True), config=CFG,
             out_dir=tmp_path, progress=False)
+
+
+def test_train_classifier_checks_its_data(digits):
+    from safedl_ext.training import train_classifier
+
+    with pytest.raises(ValueError, match=r"x must lie in \[lo, hi\]"):
+        train_classifier(_model(), digits.x_train * 16, digits.y_train, epochs=1)
+    y = digits.y_train.clone()
+    y[-1] = 10
+    with pytest.raises(ValueError, match=r"labels in \[0, 10\) for a model with 10 outputs"):
+        train_classifier(_model(), digits.x_train, y, epochs=1)
