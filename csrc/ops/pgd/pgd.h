@@ -5,6 +5,7 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <string_view>
+#include <tuple>
 #include <utility>
 
 #include "../../common/checks.h"
@@ -128,6 +129,19 @@ inline void check_budgets(const at::Tensor& alpha, const at::Tensor& eps) {
     }
   }
 }
+
+// alpha and eps as the kernels read them: in the dtype the math runs in (float for half
+// and bfloat16), contiguous, with the stride that reads them per sample (0: one value for
+// all), and checked (>= 0 and finite). Shared by both drivers.
+struct Budgets {
+  Budgets(const at::Tensor& alpha_in, const at::Tensor& eps_in, at::ScalarType op_dtype) {
+    std::tie(alpha, alpha_stride) = per_sample_param(alpha_in, op_dtype);
+    std::tie(eps, eps_stride) = per_sample_param(eps_in, op_dtype);
+    check_budgets(alpha, eps);
+  }
+  at::Tensor alpha, eps;
+  int64_t alpha_stride = 0, eps_stride = 0;
+};
 
 }  // namespace pgd
 }  // namespace safedl

@@ -219,16 +219,7 @@ void pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x0, const at::Tenso
   const Norm kind = check_step_args(x_adv, x0, grad, alpha, eps,
                                     std::string_view(norm.data(), norm.size()), lo, hi);
   TORCH_CHECK_VALUE(x_adv.device().is_cpu(), "x_adv must be on the CPU for this kernel");
-  // alpha and eps in the dtype the math runs in (float for half and bfloat16).
-  const auto op_dtype = at::toOpMathType(x_adv.scalar_type());
-  // (Pairs, not structured bindings: C++17 lambdas cannot capture those.)
-  const auto alpha_p = per_sample_param(alpha, op_dtype);
-  const auto eps_p = per_sample_param(eps, op_dtype);
-  const at::Tensor& a = alpha_p.first;
-  const at::Tensor& e = eps_p.first;
-  const int64_t as = alpha_p.second;
-  const int64_t es = eps_p.second;
-  check_budgets(a, e);
+  const Budgets b(alpha, eps, at::toOpMathType(x_adv.scalar_type()));
   if (x_adv.numel() == 0) return;
   const StepOperands op(x_adv, x0, grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(),
@@ -237,9 +228,9 @@ void pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x0, const at::Tenso
     auto* kernel = kind == Norm::Linf ? &linf_cpu<scalar_t, opmath_t>
                                       : &l2_cpu<scalar_t, opmath_t>;
     kernel(op.work.data_ptr<scalar_t>(), op.x0.const_data_ptr<scalar_t>(),
-           op.grad.const_data_ptr<scalar_t>(), a.const_data_ptr<opmath_t>(), as,
-           e.const_data_ptr<opmath_t>(), es, op.n, op.d, static_cast<opmath_t>(lo),
-           static_cast<opmath_t>(hi));
+           op.grad.const_data_ptr<scalar_t>(), b.alpha.const_data_ptr<opmath_t>(),
+           b.alpha_stride, b.eps.const_data_ptr<opmath_t>(), b.eps_stride, op.n, op.d,
+           static_cast<opmath_t>(lo), static_cast<opmath_t>(hi));
   });
   op.finish();
 }

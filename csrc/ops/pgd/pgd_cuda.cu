@@ -131,17 +131,9 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x0, const at::Tens
                                     std::string_view(norm.data(), norm.size()), lo, hi);
   TORCH_CHECK_VALUE(x_adv.is_cuda(), "x_adv must be a CUDA tensor for this kernel");
   const c10::cuda::CUDAGuard guard(x_adv.device());
-  // alpha and eps in the dtype the math runs in; their check reads one flag back from the
-  // device (a sync per call, the price of refusing a NaN or negative eps in the op).
-  const auto op_dtype = at::toOpMathType(x_adv.scalar_type());
-  // (Pairs, not structured bindings: C++17 lambdas cannot capture those.)
-  const auto alpha_p = per_sample_param(alpha, op_dtype);
-  const auto eps_p = per_sample_param(eps, op_dtype);
-  const at::Tensor& a = alpha_p.first;
-  const at::Tensor& e = eps_p.first;
-  const int64_t as = alpha_p.second;
-  const int64_t es = eps_p.second;
-  check_budgets(a, e);
+  // The budgets' check reads one flag back from the device (a sync per call, the price of
+  // refusing a NaN or negative eps in the op itself).
+  const Budgets b(alpha, eps, at::toOpMathType(x_adv.scalar_type()));
   if (x_adv.numel() == 0) return;
   const StepOperands op(x_adv, x0, grad);
   const int64_t n = op.n;
@@ -157,16 +149,16 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x0, const at::Tens
           std::min<int64_t>((total + kThreads - 1) / kThreads, static_cast<int64_t>(sms) * 32);
       linf_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(
           op.work.data_ptr<scalar_t>(), op.x0.const_data_ptr<scalar_t>(),
-          op.grad.const_data_ptr<scalar_t>(), a.const_data_ptr<opmath_t>(), as,
-          e.const_data_ptr<opmath_t>(), es, total, d, static_cast<opmath_t>(lo),
-          static_cast<opmath_t>(hi));
+          op.grad.const_data_ptr<scalar_t>(), b.alpha.const_data_ptr<opmath_t>(),
+          b.alpha_stride, b.eps.const_data_ptr<opmath_t>(), b.eps_stride, total, d,
+          static_cast<opmath_t>(lo), static_cast<opmath_t>(hi));
     } else {
       const int64_t blocks = std::min<int64_t>(n, 65535);
       l2_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(
           op.work.data_ptr<scalar_t>(), op.x0.const_data_ptr<scalar_t>(),
-          op.grad.const_data_ptr<scalar_t>(), a.const_data_ptr<opmath_t>(), as,
-          e.const_data_ptr<opmath_t>(), es, n, d, static_cast<opmath_t>(lo),
-          static_cast<opmath_t>(hi));
+          op.grad.const_data_ptr<scalar_t>(), b.alpha.const_data_ptr<opmath_t>(),
+          b.alpha_stride, b.eps.const_data_ptr<opmath_t>(), b.eps_stride, n, d,
+          static_cast<opmath_t>(lo), static_cast<opmath_t>(hi));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
