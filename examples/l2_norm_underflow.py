@@ -36,7 +36,7 @@ def main() -> None:
     x, y = d.x_test[:200], d.y_test[:200]
     for dt in (torch.float32, torch.float64):
         model = Scaled(net, 10.0).to(dt).eval()
-        xx = x.to(dt).requires_grad_(True)
+        xx = x.to(dt).clone().requires_grad_(True)
         (g,) = torch.autograd.grad(F.cross_entropy(model(xx), y, reduction="sum"), xx)
         g = g.flatten(1)
         tiny = int(((g != 0).any(1) & (g.float().pow(2).sum(1).sqrt() == 0)).sum())

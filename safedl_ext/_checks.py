@@ -60,6 +60,7 @@ def check_box(x: Tensor, lo: float, hi: float, name: str = "x") -> None:
         raise ValueError(f"lo must be < hi, got lo={lo} hi={hi}")
     if x.numel() == 0:
         return
+    x = x.detach()
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf")
     mn, mx = float(x.min()), float(x.max())
