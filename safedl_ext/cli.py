@@ -143,7 +143,7 @@ def _standard_digits_model(args: argparse.Namespace, out: Path) -> tuple[Any, An
     """
     from .data import load_digits
     from .models import DigitsCNN
-    from .report import load_torch_safe, save_torch_atomic
+    from .report import save_torch_atomic
     from .training import train_classifier
 
     torch.manual_seed(args.seed)
@@ -154,7 +154,7 @@ def _standard_digits_model(args: argparse.Namespace, out: Path) -> tuple[Any, An
         raise FileNotFoundError(f"--checkpoint not found: {ckpt} (add --retrain to train a "
                                 "model and save it there)")
     if ckpt.exists() and not args.retrain:
-        state = load_torch_safe(ckpt, what="--checkpoint" if args.checkpoint else "checkpoint")
+        state = _state_dict_file(ckpt, "--checkpoint" if args.checkpoint else "checkpoint")
         _load_state(model, state, ckpt, f"DigitsCNN(width={args.width})")
         print(f"loaded {ckpt}", file=sys.stderr)
         return model.eval(), data, 0.0
@@ -166,12 +166,21 @@ def _standard_digits_model(args: argparse.Namespace, out: Path) -> tuple[Any, An
     return model.eval(), data, train_s
 
 
-def _load_state(model: torch.nn.Module, state: Any, path: Path, what: str) -> None:
-    """``model.load_state_dict(state)`` with one clear error when it does not fit."""
+def _state_dict_file(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A state dict (names -> tensors) from ``path``, loaded safely; else one clear error."""
+    from .report import load_torch_safe
+
+    state = load_torch_safe(path, what=what)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
-        raise ValueError(f"{path} must hold a state_dict (names -> tensors), got "
+        raise ValueError(f"{what} {path} must hold a state_dict (names -> tensors), got "
                          f"{type(state).__name__}")
+    return state
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path,
+                what: str) -> None:
+    """``model.load_state_dict(state)`` with one clear error when it does not fit."""
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -251,17 +260,12 @@ def _load_model_file(spec: str, arch: str, width: int, in_channels: int,
     A state_dict of a :class:`~safedl_ext.models.Normalized` network (keys ``mean``, ``std``
     and ``model.*``) is rebuilt wrapped in ``Normalized``."""
     from .models import DigitsCNN, Normalized, SmallCNN
-    from .report import load_torch_safe
 
     name, sep, file = spec.partition("=")
     if not sep:
         name, file = Path(spec).stem, spec
     path = Path(file)
-    state = load_torch_safe(path, what="--model-file")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise ValueError(f"--model-file {path} must hold a state_dict, got "
-                         f"{type(state).__name__}")
+    state = _state_dict_file(path, "--model-file")
     if arch == "digits-cnn":
         net: torch.nn.Module = DigitsCNN(width=width, num_classes=num_classes)
     else:

@@ -7,13 +7,15 @@ a model on in-memory tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_box, check_finite_logits, check_label_range, check_labels
 
-__all__ = ["accuracy", "train_classifier"]
+__all__ = ["accuracy", "predict", "train_classifier"]
 
 
 def train_classifier(
@@ -62,20 +64,47 @@ def train_classifier(
 
 
 @torch.no_grad()
+def predict(model: Callable[[Tensor], Tensor], x: Tensor, *, batch_size: int = 512,
+            device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+            what: str = "x") -> Tensor:
+    """Top-1 predictions of ``model`` on ``x``, in batches, in eval mode (restored after).
+
+    Args:
+        x: (N, ...) inputs; each batch is moved to ``device``/``dtype`` when given.
+        what: what ``x`` is, for the NaN-logit message.
+
+    Returns:
+        (N,) int64 labels on the CPU.
+
+    Raises:
+        NaNLogitsError: the model returned NaN logits (naming the samples).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    module = model if isinstance(model, nn.Module) else None
+    was = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    out = []
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size]
+            if device is not None or dtype is not None:
+                xb = xb.to(device=device, dtype=dtype)
+            logits = model(xb)
+            check_finite_logits(logits, torch.arange(i, i + logits.shape[0]), what)
+            out.append(logits.argmax(1).cpu())
+    finally:
+        if module is not None:
+            module.train(was)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` on ``(x, y)``.
 
     Raises:
         NaNLogitsError: the model returned NaN logits (naming the samples).
     """
-    was = model.training
-    model.eval()
-    correct = 0
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            logits = model(x[i:i + batch_size])
-            check_finite_logits(logits, torch.arange(i, i + logits.shape[0]), "x")
-            correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
-    finally:
-        model.train(was)
-    return correct / max(1, x.shape[0])
+    pred = predict(model, x, batch_size=batch_size)
+    return int((pred == y.cpu()).sum()) / max(1, x.shape[0])

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_box, check_finite_logits
+from .._checks import check_box
 from ..report import (
     load_torch_safe,
     machine_info,
@@ -49,6 +49,7 @@ from ..report import (
     write_json_atomic,
     write_text_atomic,
 )
+from ..training import predict
 from .methods import Method, StepContext
 
 __all__ = ["TrainConfig", "TrainResult", "fit", "load_checkpoint", "save_checkpoint"]
@@ -201,15 +202,14 @@ class _LoaderBatches:
                 found.append(g)
         return found
 
-    def epoch(self, e: int, skip: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(self, e: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Epoch ``e``'s pass (a resume skips batches itself: see :func:`_start_pass`)."""
         for owner in (self.loader, getattr(self.loader, "sampler", None)):
             if hasattr(owner, "set_epoch"):
                 owner.set_epoch(e)  # TensorLoader, DistributedSampler
-        for b, batch in enumerate(self.loader):
+        for batch in self.loader:
             if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
                 raise TypeError("each training batch must be an (x, y) pair")
-            if b < skip:
-                continue
             yield batch[0], batch[1]
 
 
@@ -420,19 +420,12 @@ def _check_batch(x: Tensor, y: Tensor, model_device: torch.device, dtype: torch.
     return x.to(model_device, dtype, non_blocking=True), y.to(model_device).long()
 
 
-@torch.no_grad()
 def _accuracy(model: nn.Module, data: tuple[Tensor, Tensor], device: torch.device,
               dtype: torch.dtype, batch_size: int = 512) -> float:
     x, y = data
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, x.shape[0], batch_size):
-        logits = model(x[i:i + batch_size].to(device, dtype))
-        check_finite_logits(logits, torch.arange(i, i + logits.shape[0]), "the test split")
-        correct += int((logits.argmax(1).cpu() == y[i:i + batch_size].cpu()).sum())
-    model.train(was)
-    return correct / max(1, x.shape[0])
+    pred = predict(model, x, batch_size=batch_size, device=device, dtype=dtype,
+                   what="the test split")
+    return int((pred == y.cpu()).sum()) / max(1, x.shape[0])
 
 
 # ------------------------------------------------------------------- schedule

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_box, check_finite_logits, check_labels
+from .._checks import check_box, check_labels
+from ..training import predict
 
 __all__ = [
     "PoisonedData",
@@ -346,7 +347,6 @@ def triggered_test_set(x: Tensor, y: Tensor, trigger: Trigger, *, target: int,
     return trigger.apply(x[dev]), y[keep.to(y.device)].long()
 
 
-@torch.no_grad()
 def attack_success_rate(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor,
                         trigger: Trigger, *, target: int, base: int | None,
                         batch_size: int = 512) -> float:
@@ -358,19 +358,5 @@ def attack_success_rate(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor,
         x, y: held-out images and labels (not the poisoned training set).
     """
     xt, _ = triggered_test_set(x, y, trigger, target=target, base=base)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    was = getattr(model, "training", None)
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    hits = 0
-    try:
-        for i in range(0, xt.shape[0], batch_size):
-            logits = model(xt[i:i + batch_size])
-            check_finite_logits(logits, torch.arange(i, i + logits.shape[0]),
-                                "the triggered test set")
-            hits += int((logits.argmax(1) == target).sum())
-    finally:
-        if isinstance(model, torch.nn.Module) and was is not None:
-            model.train(was)
-    return hits / xt.shape[0]
+    pred = predict(model, xt, batch_size=batch_size, what="the triggered test set")
+    return int((pred == target).sum()) / xt.shape[0]
