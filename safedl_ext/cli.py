@@ -9,6 +9,11 @@
     safedl viz gradients|surface|eps  the thesis's pictures (input gradients, loss surface,
                                       accuracy against eps) as PNG + JSON, for the default
                                       digits CNN or any saved state_dict (--model-file)
+    safedl scan --model M --data D    scan a labelled data set for a backdoor with the model
+                                      trained on it (input gradients, or AC / SS baselines);
+                                      report.json + report.md + PNGs; resumable
+    safedl demo                       the main job, small: plant a backdoor, train, scan; then
+                                      scan a clean model
 """
 
 from __future__ import annotations
@@ -579,6 +584,90 @@ def _add_train_parser(sub: Any) -> None:
     tr.set_defaults(fn=_cmd_train)
 
 
+# ------------------------------------------------------------------------------ scan
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from .models.io import load_model
+    from .poison.baselines import activation_clustering, spectral_signatures
+    from .poison.data import load_scan_data
+    from .poison.report import write_report
+    from .poison.scan import ScanConfig, scan
+
+    data = load_scan_data(args.data)
+    if len(data) == 0:
+        raise ValueError(f"--data {args.data} holds no samples: nothing to scan")
+    kw = {"width": args.width} if args.width is not None else {}
+    model = load_model(args.model, arch=args.arch, in_channels=data.shape[0],
+                       num_classes=args.num_classes or int(data.y.max()) + 1, **kw)
+    if isinstance(model, torch.nn.Module):
+        model = model.to(args.device)
+    out = Path(args.out)
+    extra_cfg = {"threshold": args.threshold} if args.threshold is not None else {}
+    config = ScanConfig(batch_size=args.batch_size, device=args.device, seed=args.seed,
+                        **extra_cfg)
+    t0 = time.perf_counter()
+    progress = not args.no_progress
+    if args.method == "gradient":
+        result = scan(model, data, out=out, config=config, progress=progress)
+    elif args.method == "ac":
+        result = activation_clustering(model, data, config=config, progress=progress)
+    else:
+        result = spectral_signatures(model, data, config=config, progress=progress,
+                                     expected_fraction=args.expected_fraction)
+    result.timings["total"] = time.perf_counter() - t0
+    write_report(result, data, out, extra={"model": {"path": str(args.model),
+                                                     "arch": args.arch}})
+    if result.poisoned and result.method == "gradient":
+        print(f"backdoor found: target class {result.target_class}, base class "
+              f"{result.base_class}, {len(result.suspicious_indices)} suspicious samples")
+    elif result.poisoned:
+        print(f"{result.method}: {len(result.suspicious_indices)} suspicious samples"
+              + (f", target class {result.target_class}" if result.target_class is not None
+                 else ""))
+    else:
+        print("no backdoor found: no class stands out")
+    print(f"report: {out / 'report.json'}, {out / 'report.md'}", file=sys.stderr)
+    return 0
+
+
+def _add_scan_parser(sub: Any) -> None:
+    sc = sub.add_parser("scan", help="scan a labelled data set for a backdoor",
+                        description="Scan a labelled image data set for a backdoor with the "
+                        "model trained on it. Exit 0 whether or not one is found.")
+    sc.add_argument("--model", required=True,
+                    help="a torch.export archive (.pt2), a run folder of `safedl train`, or a "
+                    "state dict (.pt/.pth/.safetensors) with --arch")
+    sc.add_argument("--data", required=True,
+                    help="an .npz (x, y), an image folder (<class>/<file>), an MNIST images "
+                    "IDX file, or a CIFAR-10 JPEG .tar.gz archive")
+    sc.add_argument("--out", required=True, help="folder for the report (and checkpoints)")
+    sc.add_argument("--method", choices=["gradient", "ac", "ss"], default="gradient",
+                    help="input-gradient scan (default), Activation Clustering or Spectral "
+                    "Signatures")
+    sc.add_argument("--batch-size", type=_POS_INT, default=128)
+    sc.add_argument("--device", type=_device, default="cpu")
+    sc.add_argument("--arch", default=None, help="zoo architecture of a state dict "
+                    "(digits-cnn, small-cnn, mnist-cnn, resnet18, ...)")
+    sc.add_argument("--width", type=_POS_INT, default=None, help="the architecture's width")
+    sc.add_argument("--num-classes", type=_POS_INT, default=None,
+                    help="outputs of a state dict's model (default: largest label + 1)")
+    sc.add_argument("--threshold", type=_NONNEG, default=None,
+                    help="score above which the top class is flagged (default: calibrated)")
+    sc.add_argument("--expected-fraction", type=_number("float", 0, open_lo=True, hi=1),
+                    default=0.1, help="Spectral Signatures: expected poison share per class")
+    sc.add_argument("--seed", type=_number("int", 0), default=0)
+    sc.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sc.set_defaults(fn=_cmd_scan)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .poison.demo import run_demo
+
+    run_demo(args.out, data=args.data, progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="safedl", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -596,6 +685,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=_cmd_evaluate)
     _add_train_parser(sub)
     _add_viz_parser(sub)
+    _add_scan_parser(sub)
+    dm = sub.add_parser("demo", help="plant a backdoor, train, scan; then a clean model")
+    dm.add_argument("--out", default="runs/scan-demo", help="folder for the two reports")
+    dm.add_argument("--data", choices=["auto", "mnist", "digits"], default="auto",
+                    help="MNIST from the shared data folder (auto: when present) or digits")
+    dm.add_argument("--no-progress", action="store_true", help="no progress bars")
+    dm.set_defaults(fn=_cmd_demo)
     return p
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -13,6 +14,7 @@ from typing import Any, BinaryIO
 import torch
 
 __all__ = ["load_torch_safe", "machine_info", "markdown_table", "save_torch_atomic",
+           "tensor_digest",
            "write_atomic", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
 
 
@@ -144,6 +146,26 @@ def _check_torch_zip(p: Path, size: int, what: str) -> None:
     if declared > size:
         raise ValueError(f"{what} {p} declares {declared} bytes of entries in a {size}-byte "
                          "file: refused")
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """A cheap content hash of a tensor (16 hex digits): shape, dtype, up to 65,536
+    evenly spaced elements and the float64 sums of all elements and of their absolute values."""
+    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}".encode())
+    flat = t.detach().reshape(-1)
+    if flat.numel():
+        step = max(1, flat.numel() // 65536)
+        sample = flat[::step].to("cpu", torch.float64 if flat.is_floating_point() else
+                                 torch.int64).contiguous()
+        h.update(sample.numpy().tobytes())
+        if flat.is_floating_point():  # no float64 copy of the data
+            total = flat.sum(dtype=torch.float64)
+            absolute = torch.linalg.vector_norm(flat, 1, dtype=torch.float64)
+        else:
+            total, absolute = flat.sum(dtype=torch.int64), flat.abs().sum(dtype=torch.int64)
+        # Rounded to 10 digits: the sums' last bits depend on the device and the threads.
+        h.update(f"{float(total):.10g}|{float(absolute):.10g}".encode())
+    return h.hexdigest()[:16]
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

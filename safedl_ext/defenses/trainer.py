@@ -46,6 +46,7 @@ from ..report import (
     load_torch_safe,
     machine_info,
     save_torch_atomic,
+    tensor_digest,
     write_json_atomic,
     write_text_atomic,
 )
@@ -298,26 +299,6 @@ class _DeferredInterrupt:
 # ------------------------------------------------------------------ digests
 
 
-def _tensor_digest(t: Tensor) -> str:
-    """A cheap content hash: shape, dtype, up to 65,536 evenly spaced elements and the
-    float64 sums of all elements and of their absolute values."""
-    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}".encode())
-    flat = t.detach().reshape(-1)
-    if flat.numel():
-        step = max(1, flat.numel() // 65536)
-        sample = flat[::step].to("cpu", torch.float64 if flat.is_floating_point() else
-                                 torch.int64).contiguous()
-        h.update(sample.numpy().tobytes())
-        if flat.is_floating_point():  # no float64 copy of the data
-            total = flat.sum(dtype=torch.float64)
-            absolute = torch.linalg.vector_norm(flat, 1, dtype=torch.float64)
-        else:
-            total, absolute = flat.sum(dtype=torch.int64), flat.abs().sum(dtype=torch.int64)
-        # Rounded to 10 digits: the sums' last bits depend on the device and the threads.
-        h.update(f"{float(total):.10g}|{float(absolute):.10g}".encode())
-    return h.hexdigest()[:16]
-
-
 def _data_digest(train: Any) -> dict[str, Any]:
     """What the training data is, to refuse resuming on other data: the count, shapes,
     dtypes and (for tensors, ``TensorLoader`` and ``DataLoader`` over a ``TensorDataset``)
@@ -343,7 +324,7 @@ def _data_digest(train: Any) -> dict[str, Any]:
         info["n"] = int(tensors[0].shape[0])
         info["shapes"] = [list(t.shape[1:]) for t in tensors]
         info["dtypes"] = [str(t.dtype) for t in tensors]
-        info["hash"] = hashlib.sha256("|".join(_tensor_digest(t) for t in tensors).encode()
+        info["hash"] = hashlib.sha256("|".join(tensor_digest(t) for t in tensors).encode()
                                       ).hexdigest()[:16]
     return info
 

@@ -1,0 +1,84 @@
+"""A row store on disk: per-sample vectors (gradients, activations) appended in float16 or
+float32 and read back in chunks, so a second pass over them needs neither the model nor
+memory for the N x d matrix. Plain file reads, no memory map: pages read back stay in the
+kernel's page cache, not in the process's resident memory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["RowStore"]
+
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+class RowStore:
+    """Rows of length ``dim`` in ``path``, appended in order.
+
+    Args:
+        path: the file (created; its folder must exist).
+        dim: row length d.
+        dtype: ``"float16"`` (half the disk and read traffic; a unit row's entries keep
+            ~3 significant digits) or ``"float32"``.
+        rows: resume: keep the first ``rows`` rows of an existing file (what a checkpoint
+            counted; rows written after it are dropped). 0 starts an empty file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], dim: int, dtype: str = "float16",
+                 rows: int = 0) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"store dtype must be 'float16' or 'float32', got {dtype!r}")
+        self.path, self.dim = Path(path), int(dim)
+        self.np_dtype = np.dtype(_DTYPES[dtype])
+        self.row_bytes = self.dim * self.np_dtype.itemsize
+        if rows:
+            have = self.path.stat().st_size // self.row_bytes if self.path.exists() else 0
+            if have < rows:
+                raise ValueError(f"{self.path} holds {have} rows, the checkpoint counted {rows}; "
+                                 "the scan folder is damaged: delete it and scan again")
+        self._fh = open(self.path, "r+b" if rows else "w+b")  # noqa: SIM115 (kept open)
+        self._fh.truncate(rows * self.row_bytes)
+        self._fh.seek(0, os.SEEK_END)
+        self.rows = rows
+
+    def append(self, rows: Tensor) -> None:
+        """Append (B, d) rows (any float dtype, any device)."""
+        a = rows.detach().reshape(rows.shape[0], -1).to("cpu", torch.float32).numpy()
+        if a.shape[1] != self.dim:
+            raise ValueError(f"rows must have {self.dim} columns, got {a.shape[1]}")
+        self._fh.write(np.ascontiguousarray(a, dtype=self.np_dtype).tobytes())
+        self.rows += a.shape[0]
+
+    def sync(self) -> None:
+        """Flush to disk (before a checkpoint counts the rows)."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def read(self, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) as (stop - start, d) float32."""
+        self._fh.flush()
+        n = stop - start
+        buf = np.empty((n, self.dim), dtype=self.np_dtype)
+        self._fh.seek(start * self.row_bytes)
+        got = self._fh.readinto(memoryview(buf).cast("B"))
+        self._fh.seek(0, os.SEEK_END)
+        if got != n * self.row_bytes:
+            raise ValueError(f"{self.path}: short read ({got} of {n * self.row_bytes} bytes)")
+        return torch.from_numpy(buf.astype(np.float32))
+
+    def chunks(self, rows_per_chunk: int) -> Iterator[tuple[int, Tensor]]:
+        """(start, rows) chunks over the whole store, in order."""
+        for start in range(0, self.rows, rows_per_chunk):
+            yield start, self.read(start, min(self.rows, start + rows_per_chunk))
+
+    def close(self, delete: bool = False) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        if delete and self.path.exists():
+            self.path.unlink()

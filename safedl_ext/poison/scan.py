@@ -1,0 +1,762 @@
+"""Backdoor scan from input gradients ("Poison as a Cure", thesis Algorithms 4 and 3).
+
+Given labelled images and a model trained on them, say whether the data is backdoored,
+name the target and the base class and list the poisoned samples, without knowing the
+trigger, the poison ratio or the classes, and without clean validation data.
+
+The thesis's Algorithm 4 (find target and base) needs the filtered set that Algorithm 3
+(filter) makes, and Algorithm 3 needs the base class: circular as printed. The scan runs:
+
+1. **One streamed pass** over the data: each sample's input gradient of the cross-entropy
+   with its own label, L2-normalised (scaled first, so tiny float32 gradients do not
+   underflow to a zero norm), routed by label into a centred per-class
+   :class:`~safedl_ext.linalg.StreamingSVD` (the thesis's text centres; its listings do
+   not). The N x d gradient matrix is never held: gram mode keeps C d x d matrices and
+   writes the rows to a float16 store on disk for the projections (a second read of the
+   rows, not a second gradient pass); sketch mode (large d) keeps k numbers per row.
+2. **Per class**: the top right singular vector, each sample's projection on it, a batched
+   2-component :func:`~safedl_ext.linalg.gmm1d` fit, and the 2-Wasserstein distance W2
+   between the two Gaussians.
+3. **Target**: each class's score is its W2 over the mean W2 of the other classes (the
+   thesis's ratio); the largest score names the target when it exceeds ``threshold``
+   (the thesis gives no value: calibrated on clean and poisoned models, see
+   ``docs/poison-scan.md``).
+4. **First filter**: the flagged class's smaller GMM cluster.
+5. **Base**: on the first filter, the input gradients for every label (one forward pass,
+   one VJP per label), a top vector per label (not centred: the thesis reads the mean
+   projection), and the label whose projections have the largest |mean| (thesis §5.4.3.2).
+6. **Final filter**: the flagged class's gradients with the *base* label, top vector, GMM,
+   smaller cluster: the suspicious samples (thesis Table 5.1: base-class labels filter far
+   better than the target class's own).
+
+The decisions are functions of tensors (:func:`class_scores`, :func:`pick_target`,
+:func:`smaller_cluster`, :func:`pick_base`); :func:`scan` moves data, checkpoints and
+shows progress around them.
+
+Checkpoints and resume: with ``out`` given, the scan keeps its state in ``out/.scan/``:
+the per-class state and the row store every ``checkpoint_rows`` samples (written at most
+every ``checkpoint_seconds``), and each later step's results when it ends. A scan killed
+at any point and run again with the same folder, data, model and settings continues from
+its last checkpoint and writes the same report (timings aside): the state is folded at
+the same sample counts either way, so the sums are the same sums. Other data, another
+model or other settings in the same folder are refused. The store is deleted when the
+scan ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_finite_logits
+from ..attacks import _attack_mode
+from ..gradients import input_gradients
+from ..linalg import StreamingSVD, gmm1d
+from ..linalg.gmm import STATUS_FITTED
+from ..report import load_torch_safe, save_torch_atomic, tensor_digest
+from ._store import RowStore
+from .data import ScanData
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "ClassScore",
+    "ScanConfig",
+    "ScanResult",
+    "class_scores",
+    "filter_metrics",
+    "pick_base",
+    "pick_target",
+    "scan",
+    "smaller_cluster",
+    "unit_rows",
+]
+
+#: Score (a class's W2 over the mean W2 of the others) above which the top class is
+#: flagged. Calibrated on clean and poisoned digits models (docs/poison-scan.md).
+DEFAULT_THRESHOLD = 2.0
+SCHEMA_VERSION = 1
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Settings of :func:`scan` (all but ``device`` and ``progress`` are part of the
+    checkpoint's identity: a resume must use the same ones).
+
+    Attributes:
+        batch_size: samples per forward/backward pass (memory only; results do not depend
+            on it beyond float rounding, and a resume must keep it).
+        threshold: flag the top class when its score exceeds this.
+        device: where the model runs and the per-class state lives.
+        mode: ``"gram"`` (exact, C d^2 floats), ``"sketch"`` (bounded memory, approximate
+            projections) or ``"auto"`` (gram when d <= ``gram_max_dim``).
+        gram_max_dim: the largest d that ``"auto"`` runs in gram mode.
+        sketch_dim: k of sketch mode.
+        store_dtype: ``"float16"`` or ``"float32"``, the on-disk row store of gram mode.
+        checkpoint_rows: the per-class state is folded every this many samples (rounded
+            to whole batches) and may be checkpointed there.
+        checkpoint_seconds: write a checkpoint at a fold point once this long has passed
+            since the last one.
+        gmm_init, gmm_max_iter, gmm_tol: :func:`~safedl_ext.linalg.gmm1d` settings.
+        seed: the eigensolver's start and the sketch.
+    """
+
+    batch_size: int = 128
+    threshold: float = DEFAULT_THRESHOLD
+    device: str = "cpu"
+    mode: Literal["auto", "gram", "sketch"] = "auto"
+    gram_max_dim: int = 4096
+    sketch_dim: int = 2048
+    store_dtype: Literal["float16", "float32"] = "float16"
+    checkpoint_rows: int = 8192
+    checkpoint_seconds: float = 30.0
+    wrt: Literal["loss", "logit", "prob"] = "loss"
+    gmm_init: str = "kmeans++"
+    gmm_max_iter: int = 100
+    gmm_tol: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "gram_max_dim", "sketch_dim", "checkpoint_rows",
+                     "gmm_max_iter"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        for name in ("threshold", "checkpoint_seconds", "gmm_tol"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.mode not in ("auto", "gram", "sketch"):
+            raise ValueError(f"mode must be 'auto', 'gram' or 'sketch', got {self.mode!r}")
+        if self.store_dtype not in ("float16", "float32"):
+            raise ValueError(f"store_dtype must be 'float16' or 'float32', got "
+                             f"{self.store_dtype!r}")
+        if self.wrt not in ("loss", "logit", "prob"):
+            raise ValueError(f"wrt must be 'loss', 'logit' or 'prob', got {self.wrt!r}")
+        if self.gmm_init not in ("quantile", "kmeans++"):
+            raise ValueError(f"gmm_init must be 'quantile' or 'kmeans++', got {self.gmm_init!r}")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a resume must share."""
+        d = asdict(self)
+        d.pop("device")
+        d.pop("checkpoint_seconds")
+        return d
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """One class of a scan.
+
+    Attributes:
+        label: the class.
+        count: its samples.
+        wasserstein: W2 between its two GMM components (units of the projections of unit
+            gradients); 0 when degenerate.
+        score: W2 over the mean W2 of the other non-degenerate classes; ``None`` when
+            degenerate (inf when the others are all 0).
+        degenerate: fewer than 2 samples, or all projections equal: not fitted, not scored.
+        weights, means, variances: the two GMM components.
+        smaller: samples in the smaller cluster.
+        zero_gradients: samples whose input gradient is exactly zero (a saturated softmax).
+    """
+
+    label: int
+    count: int
+    wasserstein: float
+    score: float | None
+    degenerate: bool
+    weights: tuple[float, float]
+    means: tuple[float, float]
+    variances: tuple[float, float]
+    smaller: int
+    zero_gradients: int
+
+
+@dataclass
+class ScanResult:
+    """What a scan found (``to_dict`` is ``report.json``; ``figures`` feeds the PNGs).
+
+    Attributes:
+        method: ``"gradient"``, ``"ac"`` or ``"ss"``.
+        poisoned: whether a class was flagged.
+        target_class, base_class: the flagged class and its base (``None`` when not found).
+        suspicious_indices: sorted indices into the data as given.
+        threshold: the decision threshold used.
+        classes: per-class scores.
+        n, num_classes: samples scanned, the model's outputs.
+        details: method-specific results (first filter, base scores, final GMM, ...).
+        timings: seconds per step.
+        figures: tensors for the figures (not written to JSON).
+    """
+
+    method: str
+    poisoned: bool
+    target_class: int | None
+    base_class: int | None
+    suspicious_indices: list[int]
+    threshold: float
+    classes: list[ClassScore]
+    n: int
+    num_classes: int
+    details: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        import platform
+
+        from .. import __version__
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "method": self.method,
+            "poisoned": self.poisoned,
+            "target_class": self.target_class,
+            "base_class": self.base_class,
+            "suspicious_indices": list(self.suspicious_indices),
+            "threshold": self.threshold,
+            "classes": [asdict(c) for c in self.classes],
+            "n": self.n,
+            "num_classes": self.num_classes,
+            "details": self.details,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "versions": {"safedl_ext": __version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+        }
+
+
+# ------------------------------------------------------------------ decisions (tensors)
+
+
+def unit_rows(g: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows scaled to unit L2 norm, robustly: each row is divided by its largest |entry|
+    first, so a float32 row of entries ~1e-25 (whose squares underflow) still gets norm 1.
+
+    Args:
+        g: (B, d) float rows.
+
+    Returns:
+        (unit rows (B, d), (B,) bool mask of rows that were exactly zero and stay zero).
+    """
+    amax = g.abs().amax(dim=1, keepdim=True)
+    zero = amax.squeeze(1) == 0
+    scaled = g / torch.where(amax > 0, amax, torch.ones_like(amax))
+    norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
+    return scaled / torch.where(norm > 0, norm, torch.ones_like(norm)), zero
+
+
+def class_scores(w2: Tensor, valid: Tensor) -> Tensor:
+    """Each class's W2 over the mean W2 of the other valid classes.
+
+    Args:
+        w2: (C,) distances.
+        valid: (C,) bool, classes that were fitted (others get NaN and are not averaged).
+
+    Returns:
+        (C,) float64 scores; NaN where not valid; inf where the others' mean is 0 and the
+        class's W2 is not; NaN where there are no other valid classes.
+    """
+    w = w2.to(torch.float64)
+    v = valid.to(torch.bool)
+    total, count = (w * v).sum(), v.sum()
+    others = (count - v.to(torch.int64)).to(torch.float64)
+    mean_others = torch.where(others > 0, (total - w * v) / others.clamp_min(1),
+                              torch.full_like(w, float("nan")))
+    ratio = torch.where(mean_others > 0, w / mean_others.clamp_min(1e-300),
+                        torch.where(w > 0, torch.full_like(w, float("inf")),
+                                    torch.full_like(w, float("nan"))))
+    ratio = torch.where(mean_others.isnan(), torch.full_like(w, float("nan")), ratio)
+    return torch.where(v, ratio, torch.full_like(w, float("nan")))
+
+
+def pick_target(scores: Tensor, threshold: float) -> int | None:
+    """The class with the largest score when it exceeds ``threshold``, else ``None``."""
+    finite = torch.nan_to_num(scores, nan=-math.inf)
+    if not bool((finite > -math.inf).any()):
+        return None
+    c = int(torch.argmax(finite))
+    return c if float(finite[c]) > threshold else None
+
+
+def smaller_cluster(assignments: Tensor) -> Tensor:
+    """(L,) bool: the points of the component with fewer points (ties: component 1).
+
+    Args:
+        assignments: (L,) component of each point, 0 or 1 (-1 entries are ignored).
+    """
+    n0 = int((assignments == 0).sum())
+    n1 = int((assignments == 1).sum())
+    return assignments == (0 if n0 < n1 else 1)
+
+
+def pick_base(mean_projections: Tensor, target: int) -> int:
+    """The label whose projections have the largest |mean|, the target excluded.
+
+    Args:
+        mean_projections: (K,) mean projection per label (NaN where not computed).
+        target: the flagged class.
+    """
+    m = mean_projections.abs().to(torch.float64).clone()
+    m[target] = -1.0
+    m = torch.nan_to_num(m, nan=-1.0)
+    return int(torch.argmax(m))
+
+
+def filter_metrics(suspicious: Tensor | list[int], poisoned: Tensor | list[int],
+                   target_indices: Tensor | list[int]) -> dict[str, float]:
+    """Specificity and sensitivity of a filter over the target class's samples (the
+    thesis's Spec./Sens.): the share of clean samples left out, of poisoned ones caught.
+
+    Args:
+        suspicious: indices the filter flagged.
+        poisoned: ground-truth poisoned indices.
+        target_indices: every index labelled with the target class.
+
+    Returns:
+        ``{"specificity", "sensitivity", "flagged", "poisoned", "clean"}`` (shares in [0, 1];
+        NaN when there is nothing to measure).
+    """
+    s = {int(i) for i in torch.as_tensor(suspicious).tolist()}
+    p = {int(i) for i in torch.as_tensor(poisoned).tolist()}
+    t = {int(i) for i in torch.as_tensor(target_indices).tolist()}
+    clean = t - p
+    spec = len(clean - s) / len(clean) if clean else float("nan")
+    sens = len(p & s) / len(p) if p else float("nan")
+    return {"specificity": spec, "sensitivity": sens, "flagged": len(s),
+            "poisoned": len(p), "clean": len(clean)}
+
+
+# ------------------------------------------------------------------ the flow
+
+
+def _num_classes(model: Callable[[Tensor], Tensor], data: ScanData, device: torch.device,
+                 batch_size: int) -> int:
+    xb = data.images(slice(0, min(len(data), batch_size)), device)
+    try:
+        with torch.no_grad():
+            logits = model(xb)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"the model rejects the data's images of shape "
+                         f"{tuple(xb.shape[1:])}: {first[:300]}") from None
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != xb.shape[0]:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"the model must return (N, K) logits, got {got} for "
+                         f"{xb.shape[0]} images")
+    k = int(logits.shape[1])
+    if k < 2:
+        raise ValueError(f"the model has {k} output; a scan needs at least 2 classes")
+    top = int(data.y.max())
+    if top >= k:
+        bad = int(torch.nonzero(data.y >= k)[0])
+        raise ValueError(f"labels out of range: sample {bad} has label {int(data.y[bad])}, but "
+                         f"the model has {k} outputs (labels 0..{k - 1})")
+    return k
+
+
+def _model_digest(model: Callable[[Tensor], Tensor]) -> str:
+    if isinstance(model, nn.Module) or callable(getattr(model, "state_dict", None)):
+        sd = model.state_dict()  # type: ignore[attr-defined]
+        parts = [f"{k}:{tensor_digest(v)}" for k, v in sd.items()]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return type(model).__qualname__
+
+
+def _gradients(model: Callable[[Tensor], Tensor], xb: Tensor, labels: Tensor | str,
+               yb: Tensor | None, ids: Tensor, wrt: str = "loss") -> tuple[Tensor, Tensor]:
+    """(B, d) unit gradients (or (B, K, d) for labels="all") and (B,) zero-row mask."""
+    if isinstance(labels, str):
+        g, logits = input_gradients(model, xb, yb, labels="all", wrt=wrt,  # type: ignore[arg-type]
+                                    return_logits=True)
+    else:
+        g, logits = input_gradients(model, xb, labels=labels, wrt=wrt,  # type: ignore[arg-type]
+                                    return_logits=True)
+    check_finite_logits(logits, ids, what="the data")
+    b = xb.shape[0]
+    flat = g.reshape(b * (g.shape[1] if isinstance(labels, str) else 1), -1)
+    if not bool(torch.isfinite(flat).all()):
+        bad = torch.nonzero(~torch.isfinite(flat).all(dim=1)).flatten()
+        rows = sorted({int(ids[int(r) // (flat.shape[0] // b)]) for r in bad[:10]})
+        raise ValueError(f"the model's input gradients are not finite for samples {rows} "
+                         "(check the model's weights and inputs)")
+    u, zero = unit_rows(flat)
+    if isinstance(labels, str):
+        return u.reshape(b, g.shape[1], -1), zero.reshape(b, -1).all(dim=1)
+    return u, zero
+
+
+def _fit(values: list[Tensor], config: ScanConfig) -> Any:
+    """A batched 2-component GMM over the given groups of 1-D values."""
+    lengths = torch.tensor([v.numel() for v in values], dtype=torch.int64)
+    width = max(1, int(lengths.max()) if len(values) else 1)
+    padded = torch.zeros((len(values), width), dtype=torch.float64)
+    for i, v in enumerate(values):
+        padded[i, :v.numel()] = v.to(torch.float64)
+    return gmm1d(padded, lengths, init=config.gmm_init, max_iter=config.gmm_max_iter,
+                 tol=config.gmm_tol)
+
+
+class _Progress:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, total: int, desc: str, initial: int = 0) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, initial=initial, disable=not self.enabled,
+                    unit="img", leave=False, dynamic_ncols=True)
+
+
+class _Work:
+    """The scan's folder ``out/.scan``: the state file and the row stores (or a temporary
+    folder when there is no ``out``)."""
+
+    def __init__(self, out: Path | None, identity: dict[str, Any]) -> None:
+        import tempfile
+
+        self._tmp = None
+        if out is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="safedl-scan-")
+            self.dir = Path(self._tmp.name)
+        else:
+            self.dir = out / ".scan"
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.identity = identity
+        self.state_path = self.dir / "state.pt"
+        self.persist = out is not None
+        self.state: dict[str, Any] = {}
+        if self.persist and self.state_path.exists():
+            state = load_torch_safe(self.state_path, what="scan checkpoint")
+            if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+                raise ValueError(f"{self.state_path} is not a scan checkpoint of this version; "
+                                 "delete the folder (or use another --out) to scan afresh")
+            was = json.loads(state["identity"])
+            if was != identity:
+                diff = sorted(k for k in set(was) | set(identity) if was.get(k) != identity.get(k))
+                raise ValueError(f"{out} holds a scan of other {', '.join(diff)}; use another "
+                                 f"output folder or delete {self.dir} to scan afresh")
+            self.state = state
+
+    def save(self, **parts: Any) -> None:
+        self.state.update(parts)
+        if self.persist:
+            save_torch_atomic(self.state_path, {**self.state, "version": _STATE_VERSION,
+                                                "identity": json.dumps(self.identity)})
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def close(self) -> None:
+        for p in self.dir.glob("*.rows"):
+            p.unlink()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _ranges(n: int, b: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    for s in range(start, n, b):
+        yield s, min(n, s + b)
+
+
+class _Streamed:
+    """One streamed per-class decomposition (update -> fold points -> finalize ->
+    projections), checkpointable at fold points. Used for the main pass and for the two
+    smaller passes over the flagged class."""
+
+    def __init__(self, name: str, work: _Work, num_classes: int, dim: int, center: bool,
+                 config: ScanConfig, device: torch.device) -> None:
+        self.name, self.work, self.config = name, work, config
+        gram = config.mode == "gram" or (config.mode == "auto" and dim <= config.gram_max_dim)
+        if gram and num_classes * dim * dim * 4 > 16 * 2**30:
+            gram = False  # too many classes for C d^2 floats
+        self.mode = "gram" if gram else "sketch"
+        self.svd = StreamingSVD(num_classes, dim, mode=self.mode, center=center, rank=1,
+                                sketch_dim=config.sketch_dim, seed=config.seed, device=device)
+        self.store = None
+        saved = work.state.get(f"{name}:stream")
+        rows = 0
+        if saved is not None:
+            self.svd.load_state_dict(saved["svd"])
+            rows = int(saved["rows"])
+        if self.mode == "gram":
+            self.store = RowStore(work.path(f"{name}.rows"), dim, config.store_dtype, rows)
+        self.done = int(saved["done"]) if saved is not None else 0
+        self.labels: list[Tensor] = saved["labels"] if saved is not None else []
+        self.ids: list[Tensor] = saved["ids"] if saved is not None else []
+        self.zero = saved["zero"] if saved is not None else torch.zeros(num_classes,
+                                                                        dtype=torch.int64)
+        self._last_save = time.monotonic()
+
+    def add(self, rows: Tensor, labels: Tensor, ids: Tensor, zero: Tensor) -> None:
+        self.svd.update(rows, labels, ids)
+        if self.store is not None:
+            self.store.append(rows)
+        self.labels.append(labels.cpu())
+        self.ids.append(ids.cpu())
+        self.zero.index_add_(0, labels.cpu(), zero.cpu().to(torch.int64))
+
+    def fold(self, done: int, last: bool) -> None:
+        """A fold point: the state's buffers are flushed (the same sums whether or not a
+        checkpoint is written here); checkpointed when due."""
+        state = self.svd.state_dict()
+        self.done = done
+        due = time.monotonic() - self._last_save >= self.config.checkpoint_seconds
+        if self.work.persist and (due or last):
+            if self.store is not None:
+                self.store.sync()
+            self.labels = [torch.cat(self.labels)] if self.labels else []
+            self.ids = [torch.cat(self.ids)] if self.ids else []
+            self.work.save(**{f"{self.name}:stream": {
+                "svd": state, "done": done,
+                "rows": self.store.rows if self.store is not None else 0,
+                "labels": self.labels, "ids": self.ids, "zero": self.zero}})
+            self._last_save = time.monotonic()
+
+    def finish(self) -> dict[int, Any]:
+        """Finalize and project; ``{class: ClassSVD}``."""
+        self.svd.finalize()
+        if self.store is not None:
+            labels = torch.cat(self.labels) if self.labels else torch.zeros(0, dtype=torch.int64)
+            ids = torch.cat(self.ids) if self.ids else torch.zeros(0, dtype=torch.int64)
+            chunk = max(1, (64 * 2**20) // (4 * self.svd.dim))
+            for start, rows in self.store.chunks(chunk):
+                stop = start + rows.shape[0]
+                self.svd.project(rows, labels[start:stop], ids[start:stop])
+            self.store.close(delete=True)
+        return self.svd.results()
+
+    def drop(self) -> None:
+        self.work.state.pop(f"{self.name}:stream", None)
+
+
+def _stream(stream: _Streamed, total: int, batch: int, step: Callable[[int, int], None],
+            progress: _Progress, desc: str) -> None:
+    """Run ``step(start, stop)`` over [stream.done, total) in batches, folding every
+    ``checkpoint_rows`` samples (whole batches) and at the end."""
+    every = max(1, stream.config.checkpoint_rows // batch) * batch
+    with progress(total, desc, initial=stream.done) as bar:
+        for s, e in _ranges(total, batch, stream.done):
+            step(s, e)
+            bar.update(e - s)
+            if e % every == 0 or e == total:
+                stream.fold(e, e == total)
+
+
+def scan(
+    model: Callable[[Tensor], Tensor],
+    data: ScanData,
+    *,
+    out: str | Path | None = None,
+    config: ScanConfig | None = None,
+    progress: bool = True,
+) -> ScanResult:
+    """Scan labelled images for a backdoor with the model trained on them (module
+    docstring: the steps, checkpoints and resume).
+
+    Args:
+        model: maps float (B, C, H, W) images in [0, 1] to (B, K) logits; an ``nn.Module``
+            runs in eval mode with its parameters frozen (both restored afterwards).
+        data: the images and labels (:class:`~safedl_ext.poison.data.ScanData`).
+        out: a folder for checkpoints (``out/.scan``); ``None``: no checkpoints.
+        config: :class:`ScanConfig`.
+        progress: tqdm progress bars.
+
+    Returns:
+        :class:`ScanResult`; ``suspicious_indices`` index ``data`` as given.
+
+    Raises:
+        ValueError: empty data, labels outside the model's outputs, images the model
+            rejects, NaN logits or non-finite gradients (naming the first samples), a
+            checkpoint of another scan in ``out``.
+    """
+    config = config or ScanConfig()
+    if not isinstance(data, ScanData):
+        raise TypeError(f"data must be a ScanData, got {type(data).__name__}")
+    n = len(data)
+    if n == 0:
+        raise ValueError("data is empty: nothing to scan")
+    device = torch.device(config.device)
+    bar = _Progress(progress)
+    with _attack_mode(model):
+        k = _num_classes(model, data, device, config.batch_size)
+        identity = {"method": "gradient", "config": config.identity(), "data": data.digest(),
+                    "model": _model_digest(model), "n": n, "num_classes": k}
+        work = _Work(Path(out) if out is not None else None, identity)
+        try:
+            return _scan(model, data, work, k, config, device, bar)
+        finally:
+            work.close()
+
+
+def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int,
+          config: ScanConfig, device: torch.device, bar: _Progress) -> ScanResult:
+    n, d, b = len(data), data.dim, config.batch_size
+    y = data.y
+    timings: dict[str, float] = dict(work.state.get("timings", {}))
+
+    # 1-2: own-label gradients of every sample -> per-class top vector, projections, GMM
+    if "classes" not in work.state:
+        t0 = time.perf_counter()
+        main = _Streamed("main", work, k, d, True, config, device)
+
+        def step(s: int, e: int) -> None:
+            ids = torch.arange(s, e)
+            yb = y[s:e].to(device)
+            g, zero = _gradients(model, data.images(slice(s, e), device), yb, yb, ids,
+                                 config.wrt)
+            main.add(g, yb, ids, zero)
+
+        _stream(main, n, b, step, bar, "scan: input gradients")
+        timings["gradients"] = timings.get("gradients", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = main.finish()
+        counts = torch.bincount(y, minlength=k)
+        groups, ids_by = [], []
+        for c in range(k):
+            r = res.get(c)
+            if r is None or r.projections is None:
+                groups.append(torch.zeros(0))
+                ids_by.append(torch.zeros(0, dtype=torch.int64))
+            else:
+                groups.append(r.projections[:, 0].cpu())
+                ids_by.append(r.sample_ids.cpu())
+        fit = _fit(groups, config)
+        vectors = {c: r.vectors[0].cpu() for c, r in res.items() if r.vectors is not None}
+        timings["decompose"] = time.perf_counter() - t0
+        main.drop()
+        work.save(classes={"counts": counts, "groups": groups, "ids": ids_by,
+                           "fit": _fit_dict(fit), "zero": main.zero, "vectors": vectors,
+                           "mode": main.mode}, timings=timings)
+    cls = work.state["classes"]
+    fit = cls["fit"]
+    valid = (fit["status"] == STATUS_FITTED) & (cls["counts"] >= 2)
+    w2 = torch.where(valid, fit["w2"], torch.zeros_like(fit["w2"]))
+    scores = class_scores(w2, valid)
+    target = pick_target(scores, config.threshold)
+    classes = []
+    for c in range(k):
+        a = fit["assignments"][c, :int(cls["counts"][c])]
+        classes.append(ClassScore(
+            label=c, count=int(cls["counts"][c]), wasserstein=float(w2[c]),
+            score=None if not bool(valid[c]) else float(scores[c]),
+            degenerate=not bool(valid[c]),
+            weights=tuple(float(v) for v in fit["weights"][c]),  # type: ignore[arg-type]
+            means=tuple(float(v) for v in fit["means"][c]),  # type: ignore[arg-type]
+            variances=tuple(float(v) for v in fit["variances"][c]),  # type: ignore[arg-type]
+            smaller=int(smaller_cluster(a).sum()) if bool(valid[c]) else 0,
+            zero_gradients=int(cls["zero"][c])))
+    details: dict[str, Any] = {"mode": cls["mode"], "store_dtype": config.store_dtype}
+    figures: dict[str, Any] = {"scores": scores}
+    result = ScanResult("gradient", target is not None, target, None, [], config.threshold,
+                        classes, n, k, details, timings, figures)
+    if target is None:
+        return result
+
+    # 4: first filter
+    t_len = int(cls["counts"][target])
+    assign_t = fit["assignments"][target, :t_len]
+    small = smaller_cluster(assign_t)
+    first = cls["ids"][target][small]
+    details["first_filter"] = {"size": int(first.numel()),
+                               "indices": sorted(int(i) for i in first)}
+    figures["target_projections"] = cls["groups"][target]
+    figures["target_gmm"] = {key: fit[key][target] for key in ("weights", "means", "variances")}
+    figures["signal"] = cls["vectors"].get(target)
+
+    # 5: base class from every label's gradients on the first filter
+    if "base" not in work.state:
+        t0 = time.perf_counter()
+        means = torch.full((k,), float("nan"), dtype=torch.float64)
+        if first.numel():
+            base_stream = _Streamed("base", work, k, d, False, config, device)
+            keep = torch.arange(k) != target
+            sub = first.sort().values
+
+            def base_step(s: int, e: int) -> None:
+                idx = sub[s:e]
+                g, _ = _gradients(model, data.images(idx, device), "all", None, idx, config.wrt)
+                rows = g[:, keep.to(device)].reshape(-1, d)
+                labels = torch.arange(k)[keep].repeat(idx.numel()).to(device)
+                ids = idx.repeat_interleave(int(keep.sum()))
+                base_stream.add(rows, labels, ids, torch.zeros_like(labels))
+
+            _stream(base_stream, sub.numel(), max(1, b // 2), base_step, bar,
+                    "scan: base class")
+            res_b = base_stream.finish()
+            for c, r in res_b.items():
+                if r.projections is not None and r.projections.numel():
+                    means[c] = r.projections[:, 0].to(torch.float64).mean()
+            base_stream.drop()
+        base = pick_base(means, target) if first.numel() else None
+        timings["base"] = time.perf_counter() - t0
+        work.save(base={"base": base, "means": means}, timings=timings)
+    base = work.state["base"]["base"]
+    means = work.state["base"]["means"]
+    result.base_class = base
+    details["base_scores"] = {str(c): (None if math.isnan(float(m)) else abs(float(m)))
+                              for c, m in enumerate(means)}
+
+    # 6: final filter with the base class as the cross-entropy label
+    if base is None:
+        result.suspicious_indices = details["first_filter"]["indices"]
+        details["final_filter"] = {"label": None, "note": "first filter was empty"}
+        return result
+    if "final" not in work.state:
+        t0 = time.perf_counter()
+        tidx = torch.nonzero(y == target).flatten()
+        fin = _Streamed("final", work, 1, d, True, config, device)
+
+        def final_step(s: int, e: int) -> None:
+            idx = tidx[s:e]
+            lab = torch.full((idx.numel(),), base, dtype=torch.int64, device=device)
+            g, zero = _gradients(model, data.images(idx, device), lab, None, idx, config.wrt)
+            fin.add(g, torch.zeros(idx.numel(), dtype=torch.int64, device=device), idx, zero)
+
+        _stream(fin, tidx.numel(), b, final_step, bar, "scan: final filter")
+        r = fin.finish()[0]
+        proj = r.projections[:, 0].cpu()
+        ffit = _fit([proj], config)
+        a = ffit.assignments[0, :proj.numel()]
+        sel = smaller_cluster(a)
+        post = ffit.responsibilities[0, :proj.numel()]
+        small_comp = int(a[sel][0]) if bool(sel.any()) else 1
+        fin.drop()
+        timings["final"] = time.perf_counter() - t0
+        work.save(final={"ids": r.sample_ids.cpu(), "proj": proj, "suspicious":
+                         r.sample_ids.cpu()[sel], "posterior": post[:, small_comp],
+                         "fit": _fit_dict(ffit)}, timings=timings)
+    f = work.state["final"]
+    result.suspicious_indices = sorted(int(i) for i in f["suspicious"])
+    ff = f["fit"]
+    details["final_filter"] = {
+        "label": base, "size": len(result.suspicious_indices),
+        "weights": [float(v) for v in ff["weights"][0]],
+        "means": [float(v) for v in ff["means"][0]],
+        "variances": [float(v) for v in ff["variances"][0]],
+        "wasserstein": float(ff["w2"][0])}
+    order = torch.argsort(f["posterior"], descending=True)
+    figures["most_suspicious"] = f["ids"][order[:16]].tolist()
+    figures["final_projections"] = f["proj"]
+    figures["final_gmm"] = {key: ff[key][0] for key in ("weights", "means", "variances")}
+    result.timings = timings
+    return result
+
+
+def _fit_dict(fit: Any) -> dict[str, Tensor]:
+    return {"weights": fit.weights.cpu(), "means": fit.means.cpu(),
+            "variances": fit.variances.cpu(), "assignments": fit.assignments.cpu(),
+            "responsibilities": fit.responsibilities.cpu(), "status": fit.status.cpu(),
+            "w2": fit.wasserstein2().cpu()}
