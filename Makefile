@@ -1,5 +1,5 @@
 # safedl_ext — the two commands that do all set-up on a fresh machine:
-#   make demo   main job: robustness table of a standard CNN on scikit-learn digits
+#   make demo   main job: plant a backdoor, train a CNN, scan it; then scan a clean one
 #   make test   lint + the whole test suite on the native build (SAFEDL_REQUIRE_NATIVE=1)
 # Set VENV to keep the environment elsewhere (CI caches it outside the clone).
 
@@ -18,7 +18,7 @@ setup:
 build: setup
 
 demo: setup
-	$(PY) -m safedl_ext evaluate --dataset digits --out runs/digits
+	$(PY) -m safedl_ext demo --out runs/scan-demo
 
 lint: setup
 	$(VENV)/bin/ruff check safedl_ext tests bench examples setup.py

@@ -10,7 +10,9 @@ VENV=${1:-.venv}
 TORCH_SPEC=${2:-torch==2.13.0}
 PY=${PYTHON_BOOTSTRAP:-python3}
 DEPS=(setuptools wheel ninja "numpy>=1.24" "scikit-learn>=1.3" "tqdm>=4.60" "pillow>=9"
-      "matplotlib>=3.7" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6.100" "ruff>=0.5")
+      "matplotlib>=3.7" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6.100" "ruff>=0.5"
+      # test/benchmark only: IBM ART, the anchor of the AC / SS baselines (tests/poison)
+      "adversarial-robustness-toolbox==1.20.1")
 stamp="$VENV/.safedl-deps"
 want="$TORCH_SPEC ${DEPS[*]}"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -20,7 +22,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch first and alone: pip then finds the pinned wheel on local disk (see README).
   "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/pip" install -q --disable-pip-version-check "${DEPS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import torch, sklearn, pytest, hypothesis, matplotlib" # fail loudly if pip failed
+  "$VENV/bin/python" -c "import torch, sklearn, pytest, hypothesis, matplotlib, art" # fail loudly if pip failed
   echo "$want" > "$stamp"
 fi
 # Build the extension in place against the venv's torch (no build isolation).

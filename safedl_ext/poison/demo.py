@@ -87,6 +87,8 @@ class PoisonRun:
                 "flagged": r.poisoned, "found_target": r.target_class,
                 "found_base": r.base_class, "suspicious": len(r.suspicious_indices),
                 "scores": [None if c.score is None else round(c.score, 3) for c in r.classes],
+                "smaller_share": [round(c.smaller / c.count, 3) if c.count else None
+                                  for c in r.classes],
                 "filter": self.metrics, "train_seconds": round(self.train_seconds, 1),
                 "scan_seconds": round(self.scan_seconds, 2)}
 

@@ -19,8 +19,10 @@ The thesis's Algorithm 4 (find target and base) needs the filtered set that Algo
    between the two Gaussians.
 3. **Target**: each class's score is its W2 over the mean W2 of the other classes (the
    thesis's ratio); the largest score names the target when it exceeds ``threshold``
-   (the thesis gives no value: calibrated on clean and poisoned models, see
-   ``docs/poison-scan.md``).
+   (the thesis gives no value) among the classes whose smaller GMM cluster holds at most
+   ``max_share`` of the class (poison is a minority: a clean class that splits into two
+   halves is not a backdoor, however far apart its halves are). Both were calibrated on
+   clean and poisoned models (``docs/poison-scan.md``).
 4. **First filter**: the flagged class's smaller GMM cluster.
 5. **Base**: on the first filter, the input gradients for every label (one forward pass,
    one VJP per label), a top vector per label (not centred: the thesis reads the mean
@@ -81,8 +83,10 @@ __all__ = [
 ]
 
 #: Score (a class's W2 over the mean W2 of the others) above which the top class is
-#: flagged. Calibrated on clean and poisoned digits models (docs/poison-scan.md).
-DEFAULT_THRESHOLD = 2.0
+#: flagged. Calibrated on clean and poisoned MNIST models (docs/poison-scan.md).
+DEFAULT_THRESHOLD = 1.45
+#: The largest share of its class that a flagged class's smaller GMM cluster may hold.
+DEFAULT_MAX_SHARE = 0.35
 SCHEMA_VERSION = 1
 _STATE_VERSION = 1
 
@@ -96,6 +100,9 @@ class ScanConfig:
         batch_size: samples per forward/backward pass (memory only; results do not depend
             on it beyond float rounding, and a resume must keep it).
         threshold: flag the top class when its score exceeds this.
+        max_share: ... and when its smaller GMM cluster holds at most this share of the
+            class (poison is a minority of its class; clean classes that split in two
+            halves are not flagged, however far apart the halves are).
         device: where the model runs and the per-class state lives.
         mode: ``"gram"`` (exact, C d^2 floats), ``"sketch"`` (bounded memory, approximate
             projections) or ``"auto"`` (gram when d <= ``gram_max_dim``).
@@ -112,6 +119,7 @@ class ScanConfig:
 
     batch_size: int = 128
     threshold: float = DEFAULT_THRESHOLD
+    max_share: float = DEFAULT_MAX_SHARE
     device: str = "cpu"
     mode: Literal["auto", "gram", "sketch"] = "auto"
     gram_max_dim: int = 4096
@@ -133,6 +141,9 @@ class ScanConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if isinstance(self.max_share, bool) or not isinstance(self.max_share, (int, float)) \
+                or not 0 < self.max_share <= 0.5:
+            raise ValueError(f"max_share must be in (0, 0.5], got {self.max_share!r}")
         for name in ("threshold", "checkpoint_seconds", "gmm_tol"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
@@ -282,9 +293,19 @@ def class_scores(w2: Tensor, valid: Tensor) -> Tensor:
     return torch.where(v, ratio, torch.full_like(w, float("nan")))
 
 
-def pick_target(scores: Tensor, threshold: float) -> int | None:
-    """The class with the largest score when it exceeds ``threshold``, else ``None``."""
+def pick_target(scores: Tensor, threshold: float, eligible: Tensor | None = None
+                ) -> int | None:
+    """The class with the largest score when it exceeds ``threshold``, else ``None``.
+
+    Args:
+        scores: (C,) per-class scores (NaN: not scored).
+        threshold: the score to exceed.
+        eligible: (C,) bool, the classes that may be flagged (default all), e.g. those
+            whose smaller cluster is a minority of the class.
+    """
     finite = torch.nan_to_num(scores, nan=-math.inf)
+    if eligible is not None:
+        finite = torch.where(eligible.to(torch.bool), finite, torch.full_like(finite, -math.inf))
     if not bool((finite > -math.inf).any()):
         return None
     c = int(torch.argmax(finite))
@@ -645,10 +666,14 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
     valid = (fit["status"] == STATUS_FITTED) & (cls["counts"] >= 2)
     w2 = torch.where(valid, fit["w2"], torch.zeros_like(fit["w2"]))
     scores = class_scores(w2, valid)
-    target = pick_target(scores, config.threshold)
+    smaller = torch.zeros(k, dtype=torch.int64)
+    for c in range(k):
+        if bool(valid[c]):
+            smaller[c] = smaller_cluster(fit["assignments"][c, :int(cls["counts"][c])]).sum()
+    share = smaller.to(torch.float64) / cls["counts"].clamp_min(1).to(torch.float64)
+    target = pick_target(scores, config.threshold, eligible=share <= config.max_share)
     classes = []
     for c in range(k):
-        a = fit["assignments"][c, :int(cls["counts"][c])]
         classes.append(ClassScore(
             label=c, count=int(cls["counts"][c]), wasserstein=float(w2[c]),
             score=None if not bool(valid[c]) else float(scores[c]),
@@ -656,7 +681,7 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
             weights=tuple(float(v) for v in fit["weights"][c]),  # type: ignore[arg-type]
             means=tuple(float(v) for v in fit["means"][c]),  # type: ignore[arg-type]
             variances=tuple(float(v) for v in fit["variances"][c]),  # type: ignore[arg-type]
-            smaller=int(smaller_cluster(a).sum()) if bool(valid[c]) else 0,
+            smaller=int(smaller[c]),
             zero_gradients=int(cls["zero"][c])))
     details: dict[str, Any] = {"mode": cls["mode"], "store_dtype": config.store_dtype}
     figures: dict[str, Any] = {"scores": scores}
