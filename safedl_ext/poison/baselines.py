@@ -86,6 +86,12 @@ class _GraphFeatures:
         logits = out.args[0]
         out.args = ((logits, feat),) if not isinstance(logits, (tuple, list)) else \
             ((logits[0], feat),)
+        codegen = graph._codegen
+        if isinstance(codegen, fx.graph._PyTreeCodeGen):  # outputs now two leaves, not one
+            from torch.utils import _pytree
+
+            codegen.pytree_info = codegen.pytree_info._replace(
+                out_spec=_pytree.tree_structure((0, 0)))
         graph.lint()
         self.gm = fx.GraphModule(gm, graph)
 
