@@ -369,7 +369,8 @@ def _num_classes(model: Callable[[Tensor], Tensor], data: ScanData, device: torc
     try:
         with torch.no_grad():
             logits = model(xb)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+        # AssertionError: a torch.export program's shape guard ("Guard failed: ...")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"the model rejects the data's images of shape "
                          f"{tuple(xb.shape[1:])}: {first[:300]}") from None
