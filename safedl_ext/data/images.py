@@ -210,8 +210,11 @@ def _member_where(archive: str | os.PathLike[str], member: tarfile.TarInfo) -> s
 
 def check_tar_member(archive: str | os.PathLike[str], member: tarfile.TarInfo, *,
                      max_bytes: int) -> None:
-    """A regular file whose header declares at most ``max_bytes`` bytes (no reading)."""
+    """A regular file with a relative path without ``..`` whose header declares at most
+    ``max_bytes`` bytes (no reading)."""
     where = _member_where(archive, member)
+    if member.name.startswith("/") or ".." in member.name.split("/"):
+        raise ValueError(f"{where}: unsafe path (absolute, or with a '..' component)")
     if not member.isreg():
         kind = ("a directory" if member.isdir() else "a symbolic link" if member.issym()
                 else "a hard link" if member.islnk() else "a device or FIFO")
