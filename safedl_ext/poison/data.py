@@ -166,7 +166,8 @@ def load_scan_data(path: str | os.PathLike[str]) -> ScanData:
     - ``.npz`` (read with ``allow_pickle=False``): ``x`` as uint8 (N, H, W, C) or (N, H, W)
       images, or float32 (N, C, H, W) in [0, 1]; ``y`` (N,) integer labels.
     - a folder with one subfolder per class (``<class>/<file>.png|jpg``), labels in sorted
-      folder order (:func:`~safedl_ext.data.images.load_image_folder`).
+      folder order (:func:`~safedl_ext.data.images.load_image_folder`); one grey channel
+      when every image is grey (R = G = B), else RGB.
     - MNIST IDX: the images file (``…-images-idx3-ubyte[.gz]``) with its labels file beside.
     - a CIFAR-10 JPEG archive (``cifar10-train-jpeg.tar.gz``), read in place; members
       with unsafe paths or the wrong size are refused (:mod:`safedl_ext.data.cifar10`).
@@ -182,7 +183,10 @@ def load_scan_data(path: str | os.PathLike[str]) -> ScanData:
         from ..data.images import load_image_folder
 
         folder = load_image_folder(p)
-        return ScanData(folder.x, folder.y, classes=folder.classes, source=str(p))
+        x = folder.x
+        if bool((x[:, 0] == x[:, 1]).all()) and bool((x[:, 1] == x[:, 2]).all()):
+            x = x[:, :1].contiguous()  # grey images (read as R = G = B): one channel
+        return ScanData(x, folder.y, classes=folder.classes, source=str(p))
     name = p.name.lower()
     if name.endswith(".npz"):
         return _npz(p)
