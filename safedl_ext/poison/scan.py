@@ -84,7 +84,7 @@ __all__ = [
 
 #: Score (a class's W2 over the mean W2 of the others) above which the top class is
 #: flagged. Calibrated on clean and poisoned MNIST models (docs/poison-scan.md).
-DEFAULT_THRESHOLD = 1.45
+DEFAULT_THRESHOLD = 1.35
 #: The largest share of its class that a flagged class's smaller GMM cluster may hold.
 DEFAULT_MAX_SHARE = 0.35
 SCHEMA_VERSION = 1
@@ -486,6 +486,8 @@ class _Work:
             p.unlink()
         if self._tmp is not None:
             self._tmp.cleanup()
+        elif not self.state_path.exists() and not any(self.dir.iterdir()):
+            self.dir.rmdir()  # a scan that failed before its first checkpoint leaves nothing
 
 
 def _ranges(n: int, b: int, start: int = 0) -> Iterator[tuple[int, int]]:

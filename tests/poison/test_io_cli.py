@@ -22,8 +22,6 @@ from torch import Tensor
 from safedl_ext.cli import main
 from safedl_ext.models import Normalized, SmallCNN
 from safedl_ext.models.io import ExportedModel, load_model, load_safetensors
-from safedl_ext.poison import patch_trigger, poison_dataset
-from safedl_ext.training import train_classifier
 
 TARGET, BASE = 5, 3
 SCHEMA_KEYS = {"schema_version", "method", "poisoned", "target_class", "base_class",
@@ -46,18 +44,6 @@ class Poisoned:
     y: Tensor
     truth: Tensor  # indices of the poisoned samples
     root: Path  # model.pt, model.pt2, model.safetensors, uint8.npz
-
-
-def _mnist_root() -> Path:
-    from safedl_ext.data import default_data_root
-
-    try:
-        root = default_data_root() / "mnist"
-    except FileNotFoundError as err:
-        pytest.skip(f"shared data folder absent: {err}")
-    if not root.is_dir():
-        pytest.skip(f"{root} absent")
-    return root
 
 
 def _export(model: torch.nn.Module, x: Tensor, path: Path) -> Path:
@@ -94,17 +80,9 @@ def _uint8(x: Tensor) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def poisoned(tmp_path_factory) -> Poisoned:
-    from safedl_ext.data import load_mnist_idx
-
-    split = load_mnist_idx(_mnist_root(), seed=0)
-    trigger = patch_trigger((1, 28, 28), size=3, fill="white")
-    p = poison_dataset(split.x_train, split.y_train, trigger, target=TARGET, base=BASE,
-                       fraction=0.2, seed=0)
-    torch.manual_seed(0)
-    model = SmallCNN(in_channels=1, width=16)
-    train_classifier(model, p.x, p.y, epochs=4, seed=0)
-    model.eval()
+def poisoned(tmp_path_factory, mnist_backdoor) -> Poisoned:
+    p, model = mnist_backdoor.poisoned, mnist_backdoor.model  # tests/poison/conftest.py
+    assert (p.target, p.base) == (TARGET, BASE)
     root = tmp_path_factory.mktemp("poisoned")
     torch.save(model.state_dict(), root / "model.pt")
     _write_safetensors(model.state_dict(), root / "model.safetensors")

@@ -34,7 +34,7 @@ from safedl_ext.poison.scan import (
 from safedl_ext.training import train_classifier
 
 REPO = Path(__file__).resolve().parents[2]
-CFG = ScanConfig(threshold=1.5)
+CFG = ScanConfig()  # the calibrated defaults
 
 
 # ------------------------------------------------------------------ decisions
