@@ -645,8 +645,9 @@ def _add_scan_parser(sub: Any) -> None:
     sc.add_argument("--method", choices=["gradient", "ac", "ss"], default="gradient",
                     help="input-gradient scan (default), Activation Clustering or Spectral "
                     "Signatures")
-    sc.add_argument("--batch-size", type=_POS_INT, default=128)
-    sc.add_argument("--device", type=_device, default="cpu")
+    sc.add_argument("--batch-size", type=_POS_INT, default=128,
+                    help="images per forward/backward pass (memory only)")
+    sc.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     sc.add_argument("--arch", default=None, help="zoo architecture of a state dict "
                     "(digits-cnn, small-cnn, mnist-cnn, resnet18, ...)")
     sc.add_argument("--width", type=_POS_INT, default=None, help="the architecture's width")
@@ -656,7 +657,8 @@ def _add_scan_parser(sub: Any) -> None:
                     help="score above which the top class is flagged (default: calibrated)")
     sc.add_argument("--expected-fraction", type=_number("float", 0, open_lo=True, hi=1),
                     default=0.1, help="Spectral Signatures: expected poison share per class")
-    sc.add_argument("--seed", type=_number("int", 0), default=0)
+    sc.add_argument("--seed", type=_number("int", 0), default=0,
+                    help="seed of the eigensolver's start and the sketch")
     sc.add_argument("--no-progress", action="store_true", help="no progress bars")
     sc.set_defaults(fn=_cmd_scan)
 
