@@ -55,3 +55,32 @@ def test_atomic_json_and_markdown(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary left behind
     md = markdown_table(["", "Clean"], [["m", 98.2222]])
     assert md.splitlines() == ["|  | Clean |", "|---|---|", "| m | 98.22 |"]
+
+
+def test_tensor_digest_sums_in_chunks_without_a_wide_copy(monkeypatch):
+    """The sums run in chunks (no int64 copy of uint8 images, no float64 copy of float32
+    data) and give the digest of one sum over the whole tensor."""
+    import hashlib
+
+    import safedl_ext.report as report
+
+    def one_sum(t: torch.Tensor) -> str:
+        h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}".encode())
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // 65536)
+        wide = torch.float64 if flat.is_floating_point() else torch.int64
+        h.update(flat[::step].to(wide).contiguous().numpy().tobytes())
+        if flat.is_floating_point():
+            total = flat.sum(dtype=torch.float64)
+            absolute = torch.linalg.vector_norm(flat, 1, dtype=torch.float64)
+        else:
+            total, absolute = flat.sum(dtype=torch.int64), flat.abs().sum(dtype=torch.int64)
+        h.update(f"{float(total):.10g}|{float(absolute):.10g}".encode())
+        return h.hexdigest()[:16]
+
+    monkeypatch.setattr(report, "_DIGEST_CHUNK", 1000)
+    g = torch.Generator().manual_seed(0)
+    for t in (torch.randint(0, 256, (7, 3, 17, 19), dtype=torch.uint8, generator=g),
+              torch.randint(-128, 128, (12345,), dtype=torch.int8, generator=g),
+              torch.rand(5, 3, 31, 29, generator=g), torch.arange(999)):
+        assert report.tensor_digest(t) == one_sum(t)
