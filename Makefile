@@ -10,7 +10,7 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test lint bench bench-linalg bench-gradients bench-defenses cuda-check cmake-test asan-test gpu-check clean
+.PHONY: setup build demo test lint bench bench-linalg bench-gradients bench-defenses bench-scan cuda-check cmake-test asan-test gpu-check clean
 
 setup:
 	scripts/setup-venv.sh $(VENV) $(TORCH_SPEC)
@@ -52,6 +52,17 @@ bench-gradients: setup
 		--benchmark-json=bench/results/gradients-cpu-raw.json
 	$(PY) bench/summarize.py bench/results/gradients-cpu-raw.json \
 		--out bench/results/gradients-cpu.json --markdown bench/results/gradients-cpu.md
+
+# Issue 12: the backdoor scan vs one gradient pass and a plain implementation, AC/SS vs
+# IBM ART, peak memory at 5,000 vs 50,000 images (~10 min; the ART rows skip unless
+# adversarial-robustness-toolbox is installed in the venv).
+SCAN_DATE ?= $(shell date +%Y-%m-%d)
+bench-scan: setup
+	SAFEDL_REQUIRE_NATIVE=1 $(PY) -m pytest bench/test_bench_scan.py -q \
+		--benchmark-json=bench/results/scan-cpu-$(SCAN_DATE)-raw.json
+	$(PY) bench/summarize.py bench/results/scan-cpu-$(SCAN_DATE)-raw.json \
+		--out bench/results/scan-cpu-$(SCAN_DATE).json \
+		--markdown bench/results/scan-cpu-$(SCAN_DATE).md
 
 # Compile and link the CUDA kernels against a CUDA build of torch; no GPU needed.
 cuda-check:

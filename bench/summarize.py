@@ -13,6 +13,10 @@ Targets (exit code stays 0 when one is missed; the summary marks it MISS):
   accuracy within 1 percentage point; ``pgd(early_stop=False)`` >= 1.1x.
 * ``xgrad-all-*``: input gradients of all 10 labels >= 1.4x ten forward+backward passes,
   with the same gradients (max difference <= 1e-5 of the largest gradient element).
+* ``scan-cifar20k``: ``scan()`` <= 1.3x one forward+input-gradient pass over the same data
+  (paired rounds) and >= 3x the plain implementation, with the same target and base and a
+  Jaccard overlap of the suspicious sets >= 0.9; ``scan-memory``: peak RSS at 50,000
+  images <= 1.3x that at 5,000.
 
 Everything else (wrapper overhead, reference, L2) is reported for information.
 """
@@ -58,6 +62,8 @@ TARGETS = [
      "128x3x32x32", "xgrad-all-cifar128", "native", "baseline-k-passes", 1.4),
     ("input gradients of all 10 labels vs 10 forward+backward passes, DigitsCNN on 450 "
      "digits", "xgrad-all-digits", "native", "baseline-k-passes", 1.4),
+    ("scan vs plain implementation (matrices in memory, torch.linalg.svd, scikit-learn "
+     "GMMs), 20,000 CIFAR-10 images", "scan-cifar20k", "native", "baseline-plain", 3.0),
 ]
 # Quality each target's native side must also reach: (group, native role) -> {key: min}.
 QUALITY = {
@@ -76,6 +82,14 @@ CHECKS = [
      "(SmallCNN)", "xgrad-all-cifar128", "native", "max_rel_diff", "<=", 1e-5),
     ("all-label input gradients: max |difference| from the 10 passes' / max |gradient| "
      "(digits)", "xgrad-all-digits", "native", "max_rel_diff", "<=", 1e-5),
+    ("scan / one forward+input-gradient pass over the same data (median of paired rounds)",
+     "scan-cifar20k", "native", "overhead_ratio", "<=", 1.3),
+    ("plain implementation takes the scan's decisions (target and base: 1 = same)",
+     "scan-cifar20k", "baseline-plain", "same_decisions", ">=", 1.0),
+    ("plain implementation: Jaccard overlap of the suspicious sets", "scan-cifar20k",
+     "baseline-plain", "jaccard", ">=", 0.9),
+    ("scan peak RSS, 50,000 / 5,000 synthetic uint8 images", "scan-memory", "native",
+     "peak_ratio", "<=", 1.3),
 ]
 # (name, group, role of the faster side, role of the slower side): information only
 INFO = [
@@ -115,6 +129,14 @@ INFO = [
      "native-fwdbwd", "torch-fwdbwd"),
     ("xent seed 4096x1000, forward: torch / native", "xent-4096x1000", "native-fwd",
      "torch-fwd"),
+    ("AC from activations: ART / ours", "ac-cifar20k", "native", "baseline-art"),
+    ("AC: ours end to end (forward included) / ART from activations", "ac-cifar20k",
+     "baseline-art", "native-e2e"),
+    ("AC: ours end to end / the forward pass alone", "ac-cifar20k", "floor-forward",
+     "native-e2e"),
+    ("SS from activations: ART / ours", "ss-cifar20k", "native", "baseline-art"),
+    ("SS: ours end to end (forward included) / ART from activations", "ss-cifar20k",
+     "baseline-art", "native-e2e"),
 ]
 ACC_TOLERANCE_PP = 1.0
 
@@ -147,7 +169,9 @@ def _rows(raw: dict) -> list[dict[str, Any]]:
         }
         for key in ("robust_acc", "clean_acc_batch", "clean_acc_test1000", "threads",
                     "agreement", "cos_vector", "cos_projections", "peak_mem_fraction",
-                    "peak_rss_fraction", "rows_per_second", "max_abs_diff", "max_rel_diff"):
+                    "peak_rss_fraction", "rows_per_second", "max_abs_diff", "max_rel_diff",
+                    "overhead_ratio", "same_decisions", "jaccard", "peak_ratio", "peak_rss_mb",
+                    "peak_increase_mb", "note"):
             if key in extra:
                 row[key] = extra[key]
         rows.append(row)
@@ -291,6 +315,10 @@ def markdown(s: dict[str, Any]) -> str:
     if rates:
         lines += ["", "Throughput (rows generated on the fly, 2 threads): " + "; ".join(rates)
                   + "."]
+    notes = [f"{r['group']} / {r['variant']}: {r['note']}" for r in s["benchmarks"]
+             if r.get("note")]
+    if notes:
+        lines += ["", "Notes (measured in this run):", ""] + [f"* {n}" for n in notes]
     clean = [r.get("clean_acc_test1000") for r in s["benchmarks"] if r.get("clean_acc_test1000")]
     if clean:
         lines += ["", f"Bench model clean accuracy (1,000 CIFAR-10 test images): "
