@@ -1,7 +1,7 @@
-"""Backdoors: poisoning attacks to scan against (:mod:`.attacks`).
-
-The input-gradient scan ("Poison as a Cure", thesis Algorithms 3-4), its baselines and the
-neutralization are the next milestones; this package holds what they are tested against.
+"""Backdoors: poisoning attacks (:mod:`.attacks`), the input-gradient scan ("Poison as a
+Cure", thesis Algorithms 4 and 3: :mod:`.scan`), its baselines (:mod:`.baselines`), the
+data it reads (:mod:`.data`), its report (:mod:`.report`) and the demo (:mod:`.demo`).
+Neutralization is the next milestone.
 """
 
 from __future__ import annotations
