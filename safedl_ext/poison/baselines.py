@@ -190,6 +190,15 @@ def _activations_pass(model: Callable[[Tensor], Tensor], data: ScanData, rank: i
     return k, svd.results()
 
 
+def _per_class(res: dict[int, Any], y: Tensor, k: int) -> Any:
+    """(class, count, its ClassSVD or None when degenerate: < 2 samples, no projections)."""
+    counts = torch.bincount(y, minlength=k).tolist()
+    for c in range(k):
+        r = res.get(c)
+        ok = r is not None and r.projections is not None and counts[c] >= 2
+        yield c, counts[c], r if ok else None
+
+
 def _degenerate(label: int, count: int) -> ClassScore:
     return ClassScore(label, count, 0.0, None, True, (1.0, 0.0), (0.0, 0.0), (0.0, 0.0), 0, 0)
 
@@ -228,10 +237,8 @@ def activation_clustering(
         k, res = _activations_pass(model, data, dims, config, Path(tmp), bar)
     t1 = time.perf_counter()
     classes, suspicious, shares = [], [], {}
-    for c in range(k):
-        r = res.get(c)
-        count = int((data.y == c).sum())
-        if r is None or r.projections is None or count < 2:
+    for c, count, r in _per_class(res, data.y, k):
+        if r is None:
             classes.append(_degenerate(c, count))
             continue
         assign = two_means(r.projections)
@@ -285,10 +292,8 @@ def spectral_signatures(
     t1 = time.perf_counter()
     share = min(1.0, multiplier * expected_fraction)
     classes, suspicious = [], []
-    for c in range(k):
-        r = res.get(c)
-        count = int((data.y == c).sum())
-        if r is None or r.projections is None or count < 2:
+    for c, count, r in _per_class(res, data.y, k):
+        if r is None:
             classes.append(_degenerate(c, count))
             continue
         score = r.projections[:, 0].to(torch.float64) ** 2
