@@ -89,6 +89,7 @@ DEFAULT_THRESHOLD = 1.35
 DEFAULT_MAX_SHARE = 0.35
 SCHEMA_VERSION = 1
 _STATE_VERSION = 1
+_BASE_IN_MEMORY_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,10 @@ class ScanConfig:
         checkpoint_seconds: write a checkpoint at a fold point once this long has passed
             since the last one.
         gmm_init, gmm_max_iter, gmm_tol: :func:`~safedl_ext.linalg.gmm1d` settings.
+        base_samples: the base step (every label's gradients) runs on at most this many
+            samples of the first filter, those the GMM puts in the smaller cluster with
+            the highest posterior; 0 takes them all. The base is an argmax of label means,
+            which a few hundred of the most confident samples settle.
         seed: the eigensolver's start and the sketch.
     """
 
@@ -131,6 +136,7 @@ class ScanConfig:
     gmm_init: str = "kmeans++"
     gmm_max_iter: int = 100
     gmm_tol: float = 1e-3
+    base_samples: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -139,8 +145,10 @@ class ScanConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        for name in ("seed", "base_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if isinstance(self.max_share, bool) or not isinstance(self.max_share, (int, float)) \
                 or not 0 < self.max_share <= 0.5:
             raise ValueError(f"max_share must be in (0, 0.5], got {self.max_share!r}")
@@ -708,10 +716,13 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
     if "base" not in work.state:
         t0 = time.perf_counter()
         means = torch.full((k,), float("nan"), dtype=torch.float64)
-        if first.numel():
+        sub = _base_subset(first, assign_t, small, fit["responsibilities"][target, :t_len],
+                           config.base_samples)
+        if sub.numel() and sub.numel() * (k - 1) * d * 8 <= _BASE_IN_MEMORY_BYTES:
+            means = _base_means_in_memory(model, data, sub, target, k, config, device, bar)
+        elif sub.numel():
             base_stream = _Streamed("base", work, k, d, False, config, device)
             keep = torch.arange(k) != target
-            sub = first.sort().values
 
             def base_step(s: int, e: int) -> None:
                 idx = sub[s:e]
@@ -730,10 +741,12 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
             base_stream.drop()
         base = pick_base(means, target) if first.numel() else None
         timings["base"] = time.perf_counter() - t0
-        work.save(base={"base": base, "means": means}, timings=timings)
+        work.save(base={"base": base, "means": means, "samples": int(sub.numel())},
+                  timings=timings)
     base = work.state["base"]["base"]
     means = work.state["base"]["means"]
     result.base_class = base
+    details["base_samples"] = work.state["base"]["samples"]
     details["base_scores"] = {str(c): (None if math.isnan(float(m)) else abs(float(m)))
                               for c, m in enumerate(means)}
 
@@ -781,6 +794,42 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
     figures["final_gmm"] = {key: ff[key][0] for key in ("weights", "means", "variances")}
     result.timings = timings
     return result
+
+
+def _base_subset(first: Tensor, assign: Tensor, small: Tensor, resp: Tensor, cap: int
+                 ) -> Tensor:
+    """The first filter's ``cap`` samples with the highest posterior of the smaller
+    cluster (all when ``cap`` is 0 or larger), sorted by index."""
+    if cap == 0 or first.numel() <= cap:
+        return first.sort().values
+    comp = int(assign[small][0])
+    conf = resp[small, comp].to(torch.float64)
+    order = torch.argsort(-conf, stable=True)[:cap]
+    return first[order].sort().values
+
+
+def _base_means_in_memory(model: Callable[[Tensor], Tensor], data: ScanData, sub: Tensor,
+                          target: int, k: int, config: ScanConfig, device: torch.device,
+                          bar: _Progress) -> Tensor:
+    """Mean projection on the uncentred top right singular vector of each label's unit
+    gradients over ``sub`` (n, capped), from the n x n Gram matrices: for M = U S V^T,
+    M v_1 = s_1 u_1, so the mean projection is s_1 * mean(u_1) (its sign is arbitrary,
+    as the vector's; the base step takes |mean|)."""
+    keep = torch.arange(k) != target
+    parts = []
+    b = max(1, config.batch_size // 2)
+    with bar(sub.numel(), "scan: base class") as pbar:
+        for s in range(0, sub.numel(), b):
+            idx = sub[s:s + b]
+            g, _ = _gradients(model, data.images(idx, device), "all", None, idx, config.wrt)
+            parts.append(g[:, keep.to(device)].transpose(0, 1).to(torch.float64))
+            pbar.update(idx.numel())
+    m = torch.cat(parts, dim=1)  # (k - 1, n, d)
+    evals, evecs = torch.linalg.eigh(m @ m.transpose(1, 2))
+    top = evals[:, -1].clamp_min(0.0).sqrt() * evecs[:, :, -1].mean(dim=1)
+    means = torch.full((k,), float("nan"), dtype=torch.float64)
+    means[keep] = top.cpu()
+    return means
 
 
 def _fit_dict(fit: Any) -> dict[str, Tensor]:

@@ -169,6 +169,33 @@ def test_scan_finds_target_base_and_the_poisoned_samples_of_a_real_backdoor(mnis
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_the_capped_base_step_names_the_same_base_in_memory_and_streamed(mnist, monkeypatch):
+    """The base step on the first filter's most confident samples (``base_samples``) gives
+    the same label means whether it holds the capped rows in memory or streams them
+    through a per-label StreamingSVD; the cap keeps the highest-posterior samples."""
+    import safedl_ext.poison.scan as scan_mod
+
+    _, p, poisoned, _ = mnist
+    data = ScanData(p.x, p.y)
+    cfg = ScanConfig(threshold=1.35, base_samples=64)
+    mem = scan(poisoned, data, config=cfg, progress=False)
+    monkeypatch.setattr(scan_mod, "_BASE_IN_MEMORY_BYTES", 0)
+    streamed = scan(poisoned, data, config=cfg, progress=False)
+    assert mem.details["base_samples"] == streamed.details["base_samples"] == 64
+    assert mem.base_class == streamed.base_class == 3
+    a, b = mem.details["base_scores"], streamed.details["base_scores"]
+    assert a["5"] is None and b["5"] is None
+    for c in a:
+        if a[c] is not None:
+            assert abs(a[c] - b[c]) <= 1e-4 * max(1.0, abs(b[c])), (c, a[c], b[c])
+    full = scan(poisoned, data, config=ScanConfig(threshold=1.35, base_samples=0),
+                progress=False)
+    assert full.details["base_samples"] == full.details["first_filter"]["size"] > 64
+    assert full.base_class == 3 and full.suspicious_indices == mem.suspicious_indices
+    with pytest.raises(ValueError, match="base_samples"):
+        ScanConfig(base_samples=-1)
+
+
 def test_the_poison_signal_is_the_trigger(mnist):
     """The flagged class's top singular vector puts its largest entries on the patch."""
     _, p, poisoned, _ = mnist
