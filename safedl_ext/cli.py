@@ -599,7 +599,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         raise ValueError(f"--data {args.data} holds no samples: nothing to scan")
     kw = {"width": args.width} if args.width is not None else {}
     model = load_model(args.model, arch=args.arch, in_channels=data.shape[0],
-                       num_classes=args.num_classes or int(data.y.max()) + 1, **kw)
+                       num_classes=args.num_classes, **kw)
     if isinstance(model, torch.nn.Module):
         model = model.to(args.device)
     out = Path(args.out)
@@ -652,7 +652,7 @@ def _add_scan_parser(sub: Any) -> None:
                     "(digits-cnn, small-cnn, mnist-cnn, resnet18, ...)")
     sc.add_argument("--width", type=_POS_INT, default=None, help="the architecture's width")
     sc.add_argument("--num-classes", type=_POS_INT, default=None,
-                    help="outputs of a state dict's model (default: largest label + 1)")
+                    help="outputs of a state dict's model (default: its head's rows)")
     sc.add_argument("--threshold", type=_NONNEG, default=None,
                     help="score above which the top class is flagged (default: calibrated)")
     sc.add_argument("--expected-fraction", type=_number("float", 0, open_lo=True, hi=1),

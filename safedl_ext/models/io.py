@@ -223,7 +223,8 @@ def load_model(path: str | os.PathLike[str], *, arch: str | None = None,
     Args:
         path: ``.pt2``, a run folder, or a state dict (``.pt``, ``.pth``, ``.safetensors``).
         arch: the zoo name (:data:`safedl_ext.models.MODEL_NAMES`) for a state dict.
-        in_channels, num_classes: for a state dict (the caller knows them from the data).
+        in_channels, num_classes: for a state dict (the caller knows them from the data);
+            ``num_classes=None`` reads it from the state dict's head.
         **kwargs: architecture options (``width``, ...).
 
     Returns:
@@ -255,7 +256,24 @@ def load_model(path: str | os.PathLike[str], *, arch: str | None = None,
                          "run folder, or a .pt/.pth/.safetensors state dict with --arch)")
     if arch is None:
         raise ValueError(f"--model {p} is a state dict: give its architecture with --arch")
-    if in_channels is None or num_classes is None:
-        raise ValueError("in_channels and num_classes are needed to build a state dict's "
-                         "architecture")
-    return _build(arch, _state_dict(p), in_channels, num_classes, p, **kwargs)
+    if in_channels is None:
+        raise ValueError("in_channels is needed to build a state dict's architecture")
+    state = _state_dict(p)
+    if num_classes is None:
+        num_classes = state_num_classes(state, p)
+    return _build(arch, state, in_channels, num_classes, p, **kwargs)
+
+
+def state_num_classes(state: dict[str, Tensor], path: str | os.PathLike[str] = "state dict"
+                      ) -> int:
+    """The number of outputs of a classifier's state dict: the rows of its last 2-D
+    ``*.weight`` (the head; state dicts list parameters in definition order).
+
+    Raises:
+        ValueError: no 2-D weight in the state dict.
+    """
+    heads = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    if not heads:
+        raise ValueError(f"--model {path}: no 2-D weight to read the number of classes "
+                         "from; give --num-classes")
+    return int(heads[-1].shape[0])

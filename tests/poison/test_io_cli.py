@@ -444,9 +444,11 @@ def test_refuses_bad_data_files(poisoned, tmp_path, capsys):
              "labels out of range: sample 17 has label 12", "10 outputs")
     _refused([*_pt_args(poisoned), "--num-classes", "10", "--data", str(far)], tmp_path / "o4",
              capsys, "labels out of range: sample 17 has label 12")
-    # without --num-classes a state dict is built with largest label + 1 outputs
+    # without --num-classes a state dict is built with its head's outputs (10)
     _refused([*_pt_args(poisoned), "--data", str(far)], tmp_path / "o4b", capsys,
-             "does not fit --arch small-cnn", "num_classes 13")
+             "labels out of range: sample 17 has label 12", "10 outputs")
+    _refused([*_pt_args(poisoned), "--num-classes", "13", "--data", str(far)],
+             tmp_path / "o4c", capsys, "does not fit --arch small-cnn", "num_classes 13")
 
     empty = _write_npz(tmp_path / "empty.npz", np.zeros((0, 28, 28), np.uint8),
                        np.zeros(0, np.int64))
