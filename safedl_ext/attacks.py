@@ -41,6 +41,7 @@ __all__ = [
     "NaNLogitsError",
     "RobustnessReport",
     "attack_loss",
+    "attack_mode",
     "default_attacks",
     "evaluate",
     "fgsm",
@@ -126,8 +127,10 @@ def is_success(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
 
 
 @contextlib.contextmanager
-def _attack_mode(model: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Eval mode and frozen parameters for the duration; both restored afterwards."""
+def attack_mode(model: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Eval mode and frozen parameters (``requires_grad=False``) for the duration of the
+    ``with`` block, both restored afterwards: what an attack or a scan needs so that input
+    gradients do not also build parameter gradients. A non-module callable is left as is."""
     if not isinstance(model, nn.Module):
         yield
         return
@@ -255,7 +258,7 @@ def pgd(
     n = x.shape[0]
     if n == 0:
         return AttackResult(x.detach().clone(), torch.zeros(0, dtype=torch.bool, device=x.device))
-    with _attack_mode(model):
+    with attack_mode(model):
         return _pgd_loop(model, x.detach(), y, eps_t, alpha_t, steps, norm, random_start,
                          restarts, targeted, loss, early_stop, lo, hi, generator, amp, fmt,
                          start_seeds)
@@ -654,7 +657,7 @@ def _run_table(
         _check_labels(yb, xb)
         index = torch.arange(n, n + xb.shape[0])
         t0 = time.perf_counter()
-        with _attack_mode(victim), torch.no_grad():
+        with attack_mode(victim), torch.no_grad():
             logits = victim(xb)
             _check_finite_logits(logits, index, "data")
             correct["Clean"] += int((logits.argmax(1) == yb).sum())
@@ -664,7 +667,7 @@ def _run_table(
             try:
                 res = attack(xb, yb, index) if takes_index[name] else attack(xb, yb)
                 if transfer:
-                    with _attack_mode(victim), torch.no_grad():
+                    with attack_mode(victim), torch.no_grad():
                         adv_logits = victim(res.x_adv)
                         _check_finite_logits(adv_logits, None, "x")
                         correct[name] += int((adv_logits.argmax(1) == yb).sum())

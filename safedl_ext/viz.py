@@ -235,7 +235,7 @@ def gradient_grid(
     _check_int(dpi, "dpi", 1)
     grads: dict[str, Tensor] = {}
     for name, model in ms.items():
-        with _attacks._attack_mode(model):
+        with _attacks.attack_mode(model):
             g = input_gradients(model, x, y, labels=labels, wrt=wrt, normalize=normalize)
         grads[name] = g.detach().cpu()  # type: ignore[union-attr]
     if path is not None:
@@ -376,7 +376,7 @@ def loss_surface(
     b = _symmetric_grid(eps_r, steps)
     losses, clean, d_adv = {}, {}, {}
     for name, model in ms.items():
-        with _attacks._attack_mode(model):
+        with _attacks.attack_mode(model):
             g, logits = input_gradients(model, x, y, wrt="loss", return_logits=True)
             _attacks._check_label_range(logits, y)
             d = torch.sign(g)
@@ -593,7 +593,7 @@ def accuracy_vs_eps(
     curves: dict[str, dict[str, Tensor]] = {}
     clean_acc: dict[str, float] = {}
     for mname, model in ms.items():
-        with _attacks._attack_mode(model), torch.no_grad():
+        with _attacks.attack_mode(model), torch.no_grad():
             logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, n, batch_size)])
         _attacks._check_label_range(logits, y)
         wrong = (logits.argmax(1) != y).cpu()

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_finite_logits
-from ..attacks import _attack_mode
+from ..attacks import attack_mode
 from ..linalg import StreamingSVD
 from ._store import RowStore
 from .data import ScanData
@@ -233,7 +233,7 @@ def activation_clustering(
         raise ValueError("data is empty: nothing to scan")
     t0 = time.perf_counter()
     bar = _Progress(progress)
-    with _attack_mode(model), tempfile.TemporaryDirectory(prefix="safedl-ac-") as tmp:
+    with attack_mode(model), tempfile.TemporaryDirectory(prefix="safedl-ac-") as tmp:
         k, res = _activations_pass(model, data, dims, config, Path(tmp), bar)
     t1 = time.perf_counter()
     classes, suspicious, shares = [], [], {}
@@ -287,7 +287,7 @@ def spectral_signatures(
         raise ValueError("data is empty: nothing to scan")
     t0 = time.perf_counter()
     bar = _Progress(progress)
-    with _attack_mode(model), tempfile.TemporaryDirectory(prefix="safedl-ss-") as tmp:
+    with attack_mode(model), tempfile.TemporaryDirectory(prefix="safedl-ss-") as tmp:
         k, res = _activations_pass(model, data, 1, config, Path(tmp), bar)
     t1 = time.perf_counter()
     share = min(1.0, multiplier * expected_fraction)

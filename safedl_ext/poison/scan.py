@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_finite_logits
-from ..attacks import _attack_mode
+from ..attacks import attack_mode
 from ..gradients import input_gradients
 from ..linalg import StreamingSVD, gmm1d
 from ..linalg.gmm import STATUS_FITTED
@@ -622,7 +622,7 @@ def scan(
         raise ValueError("data is empty: nothing to scan")
     device = torch.device(config.device)
     bar = _Progress(progress)
-    with _attack_mode(model):
+    with attack_mode(model):
         k = _num_classes(model, data, device, config.batch_size)
         identity = {"method": "gradient", "config": config.identity(), "data": data.digest(),
                     "model": _model_digest(model), "n": n, "num_classes": k}
