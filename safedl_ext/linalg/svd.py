@@ -60,7 +60,6 @@ Batch = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
 
 _GRAM_MAX_BYTES = 16 * 2**30
 _BUFFER_BYTES = 128 * 2**20
-_PROJECT_CHUNK_BYTES = 64 * 2**20
 _KRYLOV_WIDTH = 160
 _DENSE_EIGH = 256
 _ENERGY_MARGIN = 16.0
@@ -706,10 +705,15 @@ class StreamingSVD:
         if self.num_classes * r <= 64:
             p = (rows @ v_all.reshape(-1, self.dim).T).reshape(-1, self.num_classes, r)
             p = p[torch.arange(rows.shape[0], device=self.device), cls]
-        else:
-            chunk = max(1, _PROJECT_CHUNK_BYTES // (4 * r * self.dim))
-            p = torch.cat([torch.einsum("bd,brd->br", rows[i:i + chunk], v_all[cls[i:i + chunk]])
-                           for i in range(0, rows.shape[0], chunk)])
+        else:  # one product per class present in the batch: B r d flops, no (B, r, d) gather
+            p = rows.new_empty((rows.shape[0], r))
+            order = torch.argsort(cls, stable=True)
+            present, sizes = torch.unique_consecutive(cls[order], return_counts=True)
+            start = 0
+            for c, size in zip(present.tolist(), sizes.tolist(), strict=True):
+                idx = order[start:start + size]
+                p[idx] = rows.index_select(0, idx) @ v_all[c].T
+                start += size
         p = p - mv[cls]
         seen = self._proj_seen.index_add(0, cls, torch.ones_like(cls))
         over = torch.nonzero(seen > self.counts).flatten()

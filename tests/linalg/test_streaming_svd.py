@@ -129,6 +129,27 @@ def test_easy_regime_rank3_matches_svd(center, device):
         torch.testing.assert_close(res.singular_values.cpu(), s[:3], rtol=2e-3, atol=0)
 
 
+def test_projections_of_many_classes_match_each_class_alone():
+    """C * rank > 64 (here 24 classes x rank 3) projects class by class within a batch:
+    the same projections as one class's own SVD, batches mixing every class."""
+    g = torch.Generator().manual_seed(9)
+    c, n, d = 24, 40, 30
+    x = torch.randn(c * n, d, generator=g) + torch.arange(c * n)[:, None] % 7 * 0.1
+    labels = torch.randperm(c * n, generator=g) % c
+
+    def batches():
+        for i in range(0, c * n, 50):
+            yield x[i:i + 50], labels[i:i + 50], torch.arange(i, min(c * n, i + 50))
+
+    res = streamed_svd(batches, c, d, mode="gram", rank=3, center=True)
+    for k in (0, 7, 23):
+        xk = x[labels == k].double()
+        xm = xk - xk.mean(0)
+        _, _, vh = torch.linalg.svd(xm, full_matrices=False)
+        for j in range(3):
+            assert _cos(res[k].projections[:, j], xm @ vh[j]) >= 0.9999, (k, j)
+
+
 def test_invariant_to_batch_size_order_and_split():
     x, _ = planted_matrix(900, 120, fraction=0.1, strength=0.8, seed=3)
     labels = torch.arange(900) % 3
