@@ -76,6 +76,7 @@ from safedl_ext.poison.scan import ScanConfig, ScanResult, scan
 
 PER_CLASS = int(os.environ.get("SAFEDL_BENCH_SCAN_PER_CLASS", "2000"))  # < 2000: smoke runs
 SEED, EPOCHS, WIDTH = 0, 1, 16
+BASE_SAMPLES = ScanConfig().base_samples
 BATCH = 128
 ROUNDS = int(os.environ.get("SAFEDL_BENCH_SCAN_ROUNDS", "3"))
 CONFIG = ScanConfig(batch_size=BATCH, threshold=0.0, mode="gram", store_dtype="float16")
@@ -139,16 +140,17 @@ def _unit(g: Tensor) -> Tensor:
     return F.normalize(g.flatten(1), dim=1)
 
 
-def _gmm(values: Tensor) -> tuple[np.ndarray, float]:
+def _gmm(values: Tensor) -> tuple[np.ndarray, float, np.ndarray]:
     """scikit-learn GaussianMixture(2) on 1-D values: (assignments, W2 of the two
-    Gaussians)."""
+    Gaussians, (n, 2) posteriors)."""
     from sklearn.mixture import GaussianMixture
 
     v = values.to(torch.float64).numpy().reshape(-1, 1)
     gm = GaussianMixture(n_components=2, random_state=0).fit(v)
     m = gm.means_[:, 0]
     sd = np.sqrt(gm.covariances_.reshape(2))
-    return gm.predict(v), float(np.sqrt((m[0] - m[1]) ** 2 + (sd[0] - sd[1]) ** 2))
+    return (gm.predict(v), float(np.sqrt((m[0] - m[1]) ** 2 + (sd[0] - sd[1]) ** 2)),
+            gm.predict_proba(v))
 
 
 def _smaller(assign: np.ndarray) -> np.ndarray:
@@ -168,23 +170,29 @@ def plain_scan(model: nn.Module, x: Tensor, y: Tensor, k: int = 10) -> dict:
         xb = x[s:s + BATCH].clone().requires_grad_(True)
         loss = F.cross_entropy(model(xb), y[s:s + BATCH], reduction="sum")
         rows[s:s + BATCH] = _unit(torch.autograd.grad(loss, xb)[0])
-    idx, w2, assign = [], [], []
+    idx, w2, assign, post = [], [], [], []
     for c in range(k):
         i = torch.nonzero(y == c).flatten()
         xc = rows[i] - rows[i].mean(0)
-        a, w = _gmm(xc @ _top_vector(xc))
+        a, w, pr = _gmm(xc @ _top_vector(xc))
         idx.append(i)
         w2.append(w)
         assign.append(a)
+        post.append(pr)
     w2t = torch.tensor(w2, dtype=torch.float64)
     scores = w2t / ((w2t.sum() - w2t) / (k - 1))
     target = int(torch.argmax(scores))
-    first = idx[target][torch.from_numpy(_smaller(assign[target]))]
+    small = torch.from_numpy(_smaller(assign[target]))
+    first = idx[target][small]
     del rows
-    # base: all-label gradients on the first filter, uncentred top vector per label
+    # base: all-label gradients on the first filter's BASE_SAMPLES most confident samples
+    # (the scan's ScanConfig.base_samples), uncentred top vector per label
+    comp = int(assign[target][small.numpy()][0])
+    conf = torch.from_numpy(post[target][small.numpy(), comp])
+    sub = first[torch.argsort(-conf, stable=True)[:BASE_SAMPLES]].sort().values
     per_label: list[list[Tensor]] = [[] for _ in range(k)]
-    for s in range(0, first.numel(), BATCH):
-        xb = x[first[s:s + BATCH]].clone().requires_grad_(True)
+    for s in range(0, sub.numel(), BATCH):
+        xb = x[sub[s:s + BATCH]].clone().requires_grad_(True)
         logits = model(xb)
         for j in range(k):
             if j == target:
@@ -208,7 +216,7 @@ def plain_scan(model: nn.Module, x: Tensor, y: Tensor, k: int = 10) -> dict:
         loss = F.cross_entropy(model(xb), lab, reduction="sum")
         fin[s:s + BATCH] = _unit(torch.autograd.grad(loss, xb)[0])
     fin -= fin.mean(0)
-    a, w_final = _gmm(fin @ _top_vector(fin))
+    a, w_final, _ = _gmm(fin @ _top_vector(fin))
     suspicious = ti[torch.from_numpy(_smaller(a))]
     return {"target": target, "base": base, "w2": w2, "scores": scores.tolist(),
             "first": sorted(first.tolist()), "suspicious": sorted(suspicious.tolist()),
