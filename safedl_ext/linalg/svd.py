@@ -698,9 +698,10 @@ class StreamingSVD:
         keep = has[cls]
         if not bool(keep.any()):
             return
-        rows = rows.detach().to(device=self.device, dtype=torch.float32)[keep]
-        cls = cls[keep]
-        ids = sample_ids.to(self.device, torch.int64)[keep]
+        rows = rows.detach().to(device=self.device, dtype=torch.float32)
+        ids = sample_ids.to(self.device, torch.int64)
+        if not bool(keep.all()):  # no copy of the (B, d) rows when every row is kept
+            rows, cls, ids = rows[keep], cls[keep], ids[keep]
         r = self.rank
         if self.num_classes * r <= 64:
             p = (rows @ v_all.reshape(-1, self.dim).T).reshape(-1, self.num_classes, r)

@@ -88,7 +88,7 @@ DEFAULT_THRESHOLD = 1.35
 #: The largest share of its class that a flagged class's smaller GMM cluster may hold.
 DEFAULT_MAX_SHARE = 0.35
 SCHEMA_VERSION = 1
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 _BASE_IN_MEMORY_BYTES = 256 * 2**20
 
 
@@ -509,7 +509,7 @@ class _Streamed:
     smaller passes over the flagged class."""
 
     def __init__(self, name: str, work: _Work, num_classes: int, dim: int, center: bool,
-                 config: ScanConfig, device: torch.device) -> None:
+                 config: ScanConfig, device: torch.device, total: int) -> None:
         self.name, self.work, self.config = name, work, config
         gram = config.mode == "gram" or (config.mode == "auto" and dim <= config.gram_max_dim)
         if gram and num_classes * dim * dim * 4 > 16 * 2**30:
@@ -526,8 +526,16 @@ class _Streamed:
         if self.mode == "gram":
             self.store = RowStore(work.path(f"{name}.rows"), dim, config.store_dtype, rows)
         self.done = int(saved["done"]) if saved is not None else 0
-        self.labels: list[Tensor] = saved["labels"] if saved is not None else []
-        self.ids: list[Tensor] = saved["ids"] if saved is not None else []
+        # Each row's label and sample id, in arrival order, in tensors allocated once for
+        # the whole stream: small per-batch tensors kept alive between each batch's large
+        # temporaries would pin heap pages, and the heap would grow with N (measured).
+        self.labels = torch.zeros(total, dtype=torch.int64)
+        self.ids = torch.zeros(total, dtype=torch.int64)
+        self.filled = 0
+        if saved is not None:
+            self.filled = int(saved["filled"])
+            self.labels[:self.filled] = saved["labels"]
+            self.ids[:self.filled] = saved["ids"]
         self.zero = saved["zero"] if saved is not None else torch.zeros(num_classes,
                                                                         dtype=torch.int64)
         self._last_save = time.monotonic()
@@ -536,8 +544,10 @@ class _Streamed:
         self.svd.update(rows, labels, ids)
         if self.store is not None:
             self.store.append(rows)
-        self.labels.append(labels.cpu())
-        self.ids.append(ids.cpu())
+        n = labels.shape[0]
+        self.labels[self.filled:self.filled + n] = labels.cpu()
+        self.ids[self.filled:self.filled + n] = ids.cpu()
+        self.filled += n
         self.zero.index_add_(0, labels.cpu(), zero.cpu().to(torch.int64))
 
     def fold(self, done: int, last: bool) -> None:
@@ -549,20 +559,18 @@ class _Streamed:
         if self.work.persist and (due or last):
             if self.store is not None:
                 self.store.sync()
-            self.labels = [torch.cat(self.labels)] if self.labels else []
-            self.ids = [torch.cat(self.ids)] if self.ids else []
             self.work.save(**{f"{self.name}:stream": {
                 "svd": state, "done": done,
                 "rows": self.store.rows if self.store is not None else 0,
-                "labels": self.labels, "ids": self.ids, "zero": self.zero}})
+                "filled": self.filled, "labels": self.labels[:self.filled].clone(),
+                "ids": self.ids[:self.filled].clone(), "zero": self.zero}})
             self._last_save = time.monotonic()
 
     def finish(self) -> dict[int, Any]:
         """Finalize and project; ``{class: ClassSVD}``."""
         self.svd.finalize()
         if self.store is not None:
-            labels = torch.cat(self.labels) if self.labels else torch.zeros(0, dtype=torch.int64)
-            ids = torch.cat(self.ids) if self.ids else torch.zeros(0, dtype=torch.int64)
+            labels, ids = self.labels[:self.filled], self.ids[:self.filled]
             chunk = max(1, (64 * 2**20) // (4 * self.svd.dim))
             for start, rows in self.store.chunks(chunk):
                 stop = start + rows.shape[0]
@@ -642,7 +650,7 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
     # 1-2: own-label gradients of every sample -> per-class top vector, projections, GMM
     if "classes" not in work.state:
         t0 = time.perf_counter()
-        main = _Streamed("main", work, k, d, True, config, device)
+        main = _Streamed("main", work, k, d, True, config, device, n)
 
         def step(s: int, e: int) -> None:
             ids = torch.arange(s, e)
@@ -721,7 +729,8 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
         if sub.numel() and sub.numel() * (k - 1) * d * 8 <= _BASE_IN_MEMORY_BYTES:
             means = _base_means_in_memory(model, data, sub, target, k, config, device, bar)
         elif sub.numel():
-            base_stream = _Streamed("base", work, k, d, False, config, device)
+            base_stream = _Streamed("base", work, k, d, False, config, device,
+                                    sub.numel() * (k - 1))
             keep = torch.arange(k) != target
 
             def base_step(s: int, e: int) -> None:
@@ -758,7 +767,7 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
     if "final" not in work.state:
         t0 = time.perf_counter()
         tidx = torch.nonzero(y == target).flatten()
-        fin = _Streamed("final", work, 1, d, True, config, device)
+        fin = _Streamed("final", work, 1, d, True, config, device, int(tidx.numel()))
 
         def final_step(s: int, e: int) -> None:
             idx = tidx[s:e]
