@@ -17,7 +17,7 @@ Triggers (thesis eq. 5.1):
 - patch: a 3 x 3 black/white checkerboard in the bottom-right corner;
 - dot: one pixel, position and colour drawn from the pair's seed.
 
-Run: ``python examples/reproduce_poison_scan.py`` (about 50 minutes on 2 CPU cores;
+Run: ``python examples/reproduce_poison_scan.py`` (about 65 minutes on 2 CPU cores;
 ``--only NAME ...`` runs some; finished runs are kept under ``--work`` and skipped, and a
 killed training resumes from its last epoch). Writes docs/results/poison-scan.json and
 docs/results/poison-scan.md.
