@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from safedl_ext.data import load_cifar10, load_mnist_idx
 from safedl_ext.data.datasets import default_data_root
-from safedl_ext.models import SmallCNN
+from safedl_ext.models import SmallCNN, build_model
 from safedl_ext.poison import (
     attack_success_rate,
     blend_trigger,
@@ -118,15 +118,40 @@ def make_trigger(kind: str, seed: int, mnist: torch.Tensor) -> Any:
     raise ValueError(kind)
 
 
-WIDTH = 16  # --width
+ARCH, WIDTH, DEVICE = "small-cnn", 16, "cpu"  # --arch, --width, --device
+
+
+def build() -> torch.nn.Module:
+    """The model of the runs: SmallCNN(width=WIDTH), or a zoo network (``--arch``)."""
+    if ARCH == "small-cnn":
+        return SmallCNN(width=WIDTH)
+    return build_model(ARCH, in_channels=3, num_classes=10)
+
+
+class OnDevice(torch.nn.Module):
+    """``model`` on DEVICE, taking CPU batches (for accuracy and ASR)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(DEVICE))
+
+
+def tag() -> str:
+    """'' for the default model, else a suffix naming it (run folders, results)."""
+    if ARCH == "small-cnn":
+        return "" if WIDTH == 16 else f"-w{WIDTH}"
+    return f"-{ARCH}"
 
 
 def train(run_dir: Path, x: torch.Tensor, y: torch.Tensor, *, epochs: int, seed: int,
-          log: Any, asr: Any) -> tuple[SmallCNN, float, list[float]]:
+          log: Any, asr: Any) -> tuple[torch.nn.Module, float, list[float]]:
     """Adam, batch 128, no augmentation; lr 1e-3, then 1e-4 for the last quarter of the
     epochs; a checkpoint per epoch (resumable, also into more epochs)."""
     torch.manual_seed(seed)
-    model = SmallCNN(width=WIDTH)
+    model = build().to(DEVICE)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
     ckpt = run_dir / "train.pt"
@@ -137,6 +162,7 @@ def train(run_dir: Path, x: torch.Tensor, y: torch.Tensor, *, epochs: int, seed:
         opt.load_state_dict(s["opt"])
         gen.set_state(s["gen"])
         start, seconds, curve = s["epoch"], s["seconds"], s["asr_curve"]
+    xd, yd = x.to(DEVICE), y.to(DEVICE)
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         for group in opt.param_groups:
@@ -144,14 +170,14 @@ def train(run_dir: Path, x: torch.Tensor, y: torch.Tensor, *, epochs: int, seed:
         model.train()
         perm = torch.randperm(x.shape[0], generator=gen)
         for i in range(0, x.shape[0], 128):
-            idx = perm[i:i + 128]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            idx = perm[i:i + 128].to(DEVICE)
+            loss = F.cross_entropy(model(xd[idx]), yd[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         model.eval()
         seconds += time.perf_counter() - t0
-        curve.append(round(asr(model), 4) if asr else float("nan"))
+        curve.append(round(asr(OnDevice(model)), 4) if asr else float("nan"))
         log(f"  epoch {epoch + 1}/{epochs}: {seconds:.0f} s, ASR {curve[-1]}")
         save_torch_atomic(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(),
                                  "gen": gen.get_state(), "epoch": epoch + 1,
@@ -186,12 +212,13 @@ def one_run(spec: dict[str, Any], x: torch.Tensor, y: torch.Tensor, split: Any,
     log(f"{spec['name']}: training {epochs} epochs on {x.shape[0]} images")
     model, train_s, curve = train(run_dir, x, y, epochs=epochs, seed=spec["seed"], log=log,
                                   asr=asr if trigger is not None else None)
-    clean_acc = accuracy(model, split.x_test, split.y_test)
-    success = asr(model) if trigger is not None else None
+    ev = OnDevice(model)
+    clean_acc = accuracy(ev, split.x_test, split.y_test)
+    success = asr(ev) if trigger is not None else None
     confusion = None
     if trigger is not None:  # untriggered base-class test images taken for the target
         keep = split.y_test == b
-        confusion = float((predict(model, split.x_test[keep]) == t).float().mean())
+        confusion = float((predict(ev, split.x_test[keep]) == t).float().mean())
     data = ScanData(x, y, source=f"CIFAR-10 train, {spec['name']}")
     out: dict[str, Any] = {**spec, "epochs": epochs, "train_seconds": round(train_s, 1),
                            "clean_accuracy": round(clean_acc, 4),
@@ -202,8 +229,8 @@ def one_run(spec: dict[str, Any], x: torch.Tensor, y: torch.Tensor, split: Any,
     # the scan with every step forced (threshold 0), then the default rule applied to its
     # scores: the same decision as a default scan whenever the two pick the same class
     t0 = time.perf_counter()
-    forced = scan(model, data, config=ScanConfig(threshold=0.0, max_share=0.5),
-                  progress=False)
+    forced = scan(model, data, config=ScanConfig(threshold=0.0, max_share=0.5,
+                                                 device=DEVICE), progress=False)
     out["scan_seconds"] = round(time.perf_counter() - t0, 1)
     scores = torch.tensor([float("nan") if c.score is None else c.score
                            for c in forced.classes])
@@ -213,7 +240,7 @@ def one_run(spec: dict[str, Any], x: torch.Tensor, y: torch.Tensor, split: Any,
                        eligible=valid & (share <= DEFAULT_MAX_SHARE))
     result = forced
     if rule is not None and rule != forced.target_class:
-        result = scan(model, data, config=ScanConfig(), progress=False)
+        result = scan(model, data, config=ScanConfig(device=DEVICE), progress=False)
     out["scan"] = {
         "flagged": rule is not None, "target": rule,
         "base": result.base_class if rule is not None else None,
@@ -235,7 +262,7 @@ def one_run(spec: dict[str, Any], x: torch.Tensor, y: torch.Tensor, split: Any,
             if rule == t and result.base_class == b else None
         out["scan"]["found_filter"] = pct(filter_metrics(result.suspicious_indices, truth, tid)) \
             if rule == t else None
-    cfg = ScanConfig()
+    cfg = ScanConfig(device=DEVICE)
     t0 = time.perf_counter()
     ac = activation_clustering(model, data, config=cfg, progress=False)
     ac_s = time.perf_counter() - t0
@@ -284,7 +311,7 @@ def diagnose(spec: dict[str, Any], x: torch.Tensor, y: torch.Tensor, mnist: torc
     trigger = make_trigger(spec["kind"], spec["seed"], mnist)
     p = poison_dataset(x, y, trigger, target=t, base=b, fraction=0.1, seed=spec["seed"])
     s = load_torch_safe(work / spec["name"] / "train.pt", what="training checkpoint")
-    model = SmallCNN(width=WIDTH)
+    model = build().to(DEVICE)
     model.load_state_dict(s["model"])
     model.eval()
     tid = torch.nonzero(p.y == t).flatten()
@@ -294,8 +321,9 @@ def diagnose(spec: dict[str, Any], x: torch.Tensor, y: torch.Tensor, mnist: torc
         rows = []
         for i in range(0, tid.numel(), 256):
             idx = tid[i:i + 256]
-            g = input_gradients(model, p.x[idx], labels=torch.full((idx.numel(),), label))
-            rows.append(unit_rows(g.reshape(idx.numel(), -1))[0])
+            g = input_gradients(model, p.x[idx].to(DEVICE),
+                                labels=torch.full((idx.numel(),), label, device=DEVICE))
+            rows.append(unit_rows(g.reshape(idx.numel(), -1))[0].cpu())
         m = torch.cat(rows).double()
         m = m - m.mean(0)
         _, sv, vh = torch.linalg.svd(m, full_matrices=False)
@@ -330,7 +358,7 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
         f"({meta['machine']['cpu']}, {meta['machine']['threads']} threads, torch "
         f"{meta['machine']['torch']}). Setup and findings: `docs/poison-scan.md`.",
         "",
-        f"All 50,000 CIFAR-10 training images; `SmallCNN(width={meta['width']})`, Adam, "
+        f"All 50,000 CIFAR-10 training images; `{meta['model']}`, Adam, "
         "batch 128, "
         f"{meta['epochs']} epochs (lr 1e-3, then 1e-4 for the last quarter), no "
         "augmentation; 10% of the base class poisoned "
@@ -420,6 +448,9 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="run names (default: all)")
     ap.add_argument("--work", default=None, help="default: runs/poison-cifar10[-w<width>]")
     ap.add_argument("--width", type=int, default=16, help="SmallCNN width (16)")
+    ap.add_argument("--arch", default="small-cnn",
+                    help="small-cnn (default) or a zoo name, e.g. resnet18 (the thesis's)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--results", default="docs/results")
     ap.add_argument("--report-only", action="store_true",
                     help="write the results from the finished runs only (train nothing)")
@@ -437,9 +468,9 @@ def main() -> int:
     split = load_cifar10(root / "cifar10")
     mnist = load_mnist_idx(root / "mnist", seed=0).x_test
     log(f"CIFAR-10 {tuple(split.x_train.shape)} train, {tuple(split.x_test.shape)} test")
-    global WIDTH
-    WIDTH = args.width
-    work = Path(args.work or ("runs/poison-cifar10" + ("" if WIDTH == 16 else f"-w{WIDTH}")))
+    global ARCH, WIDTH, DEVICE
+    ARCH, WIDTH, DEVICE = args.arch, args.width, args.device
+    work = Path(args.work or ("runs/poison-cifar10" + tag()))
     wanted = runs_wanted()
     if args.only:
         unknown = set(args.only) - {r["name"] for r in wanted}
@@ -462,11 +493,13 @@ def main() -> int:
     results = [one_run(r, split.x_train, split.y_train, split, mnist, work, args.epochs, log)
                for r in wanted]
     info = dict(machine_info())
-    meta = {"date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "width": WIDTH,
+    model_name = f"SmallCNN(width={WIDTH})" if ARCH == "small-cnn" else ARCH
+    meta = {"date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "model": model_name,
+            "device": DEVICE,
             "machine": {"cpu": info.get("processor", "?"), "threads": torch.get_num_threads(),
                         "torch": torch.__version__}}
-    if WIDTH != 16:  # a side experiment: its runs' results, no tables
-        out = Path(args.results) / f"poison-scan-w{WIDTH}.json"
+    if tag():  # a side experiment: its runs' results, no tables
+        out = Path(args.results) / f"poison-scan{tag()}.json"
         write_json_atomic(out, {"meta": meta, "runs": results})
         log(f"wrote {out}")
     elif not args.only or args.report_only:
