@@ -272,16 +272,10 @@ def _profile_breakdown(prof: cProfile.Profile) -> dict[str, float]:
     return out
 
 
-def test_scan_overhead(benchmark, scan_model, cifar20k):
-    require_native()
-    model, meta = scan_model
-    x, y, _, _ = cifar20k
-    data = ScanData(x, y)
-    prof = cProfile.Profile()
-    prof.enable()  # warm-up round, profiled
-    warm = scan(model, data, config=CONFIG, progress=False)
-    prof.disable()
-    _CACHE["scan"] = warm
+def _paired_rounds(benchmark, model: nn.Module, x: Tensor, y: Tensor, data: ScanData,
+                   rounds: int) -> tuple[ScanResult, list[float], list[float], list[ScanResult]]:
+    """``rounds`` timed scans, each right after one timed forward+input-gradient pass (its
+    setup): (last result, pass seconds, scan seconds, every round's result)."""
     fb: list[float] = []
     sc: list[float] = []
     results: list[ScanResult] = []
@@ -298,7 +292,21 @@ def test_scan_overhead(benchmark, scan_model, cifar20k):
         results.append(r)
         return r
 
-    r = benchmark.pedantic(run, setup=setup, rounds=ROUNDS, iterations=1)
+    r = benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
+    return r, fb, sc, results
+
+
+def test_scan_overhead(benchmark, scan_model, cifar20k):
+    require_native()
+    model, meta = scan_model
+    x, y, _, _ = cifar20k
+    data = ScanData(x, y)
+    prof = cProfile.Profile()
+    prof.enable()  # warm-up round, profiled
+    warm = scan(model, data, config=CONFIG, progress=False)
+    prof.disable()
+    _CACHE["scan"] = warm
+    r, fb, sc, results = _paired_rounds(benchmark, model, x, y, data, ROUNDS)
     ratios = [s / f for s, f in zip(sc, fb, strict=True)]
     steps = {k: statistics.median(rr.timings[k] for rr in results) for k in r.timings}
     same = all(rr.target_class == warm.target_class and rr.base_class == warm.base_class
@@ -342,24 +350,7 @@ def test_scan_overhead_wider_model(benchmark, cifar20k):
     x, y, _, _ = cifar20k
     torch.manual_seed(SEED)
     model = SmallCNN(3, 10, width=WIDE).eval().requires_grad_(False)
-    data = ScanData(x, y)
-    fb: list[float] = []
-    sc: list[float] = []
-    results: list[ScanResult] = []
-
-    def setup():
-        t0 = time.perf_counter()
-        fwdbwd_pass(model, x, y)
-        fb.append(time.perf_counter() - t0)
-
-    def run() -> ScanResult:
-        t0 = time.perf_counter()
-        r = scan(model, data, config=CONFIG, progress=False)
-        sc.append(time.perf_counter() - t0)
-        results.append(r)
-        return r
-
-    r = benchmark.pedantic(run, setup=setup, rounds=1, iterations=1)
+    r, fb, sc, _ = _paired_rounds(benchmark, model, x, y, ScanData(x, y), 1)
     ratio = sc[0] / fb[0]
     benchmark.group = "scan-cifar20k-wide"
     benchmark.extra_info.update(

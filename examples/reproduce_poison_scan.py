@@ -251,17 +251,17 @@ def one_run(spec: dict[str, Any], x: torch.Tensor, y: torch.Tensor, split: Any,
         "base_scores": forced.details.get("base_scores"),
         "timings": {k: round(v, 2) for k, v in forced.timings.items()},
     }
+    tid = torch.nonzero(y == t).flatten() if truth is not None else None
     if truth is not None:
-        tid = torch.nonzero(y == t).flatten()
         first = forced.details.get("first_filter", {}).get("indices", [])
         # the thesis's columns: target-class labels (the first filter) and base-class
         # labels (the final filter), on the true target class
+        found = pct(filter_metrics(result.suspicious_indices, truth, tid)) \
+            if rule == t else None
         out["scan"]["target_xent"] = pct(filter_metrics(first, truth, tid)) \
             if forced.target_class == t else None
-        out["scan"]["base_xent"] = pct(filter_metrics(result.suspicious_indices, truth, tid)) \
-            if rule == t and result.base_class == b else None
-        out["scan"]["found_filter"] = pct(filter_metrics(result.suspicious_indices, truth, tid)) \
-            if rule == t else None
+        out["scan"]["base_xent"] = found if result.base_class == b else None
+        out["scan"]["found_filter"] = found
     cfg = ScanConfig(device=DEVICE)
     t0 = time.perf_counter()
     ac = activation_clustering(model, data, config=cfg, progress=False)
@@ -273,7 +273,6 @@ def one_run(spec: dict[str, Any], x: torch.Tensor, y: torch.Tensor, split: Any,
                  "shares": [c.score for c in ac.classes]}
     out["ss"] = {"seconds": round(ss_s, 1)}
     if truth is not None:
-        tid = torch.nonzero(y == t).flatten()
         tset = set(tid.tolist())
         out["ac"]["target"] = pct(filter_metrics([i for i in ac.suspicious_indices
                                                   if i in tset], truth, tid))
