@@ -36,6 +36,7 @@ class RowStore:
             raise ValueError(f"store dtype must be 'float16' or 'float32', got {dtype!r}")
         self.path, self.dim = Path(path), int(dim)
         self.np_dtype = np.dtype(_DTYPES[dtype])
+        self.torch_dtype = torch.float16 if dtype == "float16" else torch.float32
         self.row_bytes = self.dim * self.np_dtype.itemsize
         if rows:
             have = self.path.stat().st_size // self.row_bytes if self.path.exists() else 0
@@ -49,10 +50,13 @@ class RowStore:
 
     def append(self, rows: Tensor) -> None:
         """Append (B, d) rows (any float dtype, any device)."""
-        a = rows.detach().reshape(rows.shape[0], -1).to("cpu", torch.float32).numpy()
-        if a.shape[1] != self.dim:
-            raise ValueError(f"rows must have {self.dim} columns, got {a.shape[1]}")
-        self._fh.write(np.ascontiguousarray(a, dtype=self.np_dtype).tobytes())
+        flat = rows.detach().reshape(rows.shape[0], -1)
+        if flat.shape[1] != self.dim:
+            raise ValueError(f"rows must have {self.dim} columns, got {flat.shape[1]}")
+        # torch's (vectorised) float16 conversion, written without a bytes copy: numpy's
+        # half conversion cost 5% of a CIFAR-10 scan (measured)
+        a = flat.to("cpu", self.torch_dtype).contiguous().numpy()
+        self._fh.write(memoryview(a).cast("B"))
         self.rows += a.shape[0]
 
     def sync(self) -> None:
@@ -70,7 +74,7 @@ class RowStore:
         self._fh.seek(0, os.SEEK_END)
         if got != n * self.row_bytes:
             raise ValueError(f"{self.path}: short read ({got} of {n * self.row_bytes} bytes)")
-        return torch.from_numpy(buf.astype(np.float32))
+        return torch.from_numpy(buf).to(torch.float32)
 
     def chunks(self, rows_per_chunk: int) -> Iterator[tuple[int, Tensor]]:
         """(start, rows) chunks over the whole store, in order."""
