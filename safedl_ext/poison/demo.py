@@ -85,7 +85,10 @@ class PoisonRun:
                 "attack_success": None if self.attack_success is None else
                 round(self.attack_success, 4),
                 "flagged": r.poisoned, "found_target": r.target_class,
-                "found_base": r.base_class, "suspicious": len(r.suspicious_indices),
+                "found_base": r.base_class,
+                "base_gradient": r.details.get("base_gradient"),
+                "base_masked": (r.details.get("base_masked") or {}).get("base"),
+                "suspicious": len(r.suspicious_indices),
                 "scores": [None if c.score is None else round(c.score, 3) for c in r.classes],
                 "smaller_share": [round(c.smaller / c.count, 3) if c.count else None
                                   for c in r.classes],

@@ -143,6 +143,24 @@ def _markdown(report: dict[str, Any], figures: list[str]) -> str:
                   markdown_table(["label", "|mean|"],
                                  [[k, "—" if v is None else f"{v:.4f}"]
                                   for k, v in det["base_scores"].items()]), ""]
+    mk = det.get("base_masked")
+    if mk is not None:
+        lines += [f"Base class, masked rule: with the signal's {mk['pixels']} strongest pixels "
+                  f"masked, {mk['left']:.0%} of those samples leave the target; their votes "
+                  f"per label {mk['votes']} name "
+                  f"{'no base (too few left)' if mk['base'] is None else mk['base']}. "
+                  f"Gradient rule: {det.get('base_gradient')}. Used: the {det['base_rule']} "
+                  "rule" + (" (fallback: gradient)" if det["base_rule"] == "masked"
+                            and mk["base"] is None else "") + ".", ""]
+    fin = det.get("final_filter", {})
+    if fin.get("candidates"):
+        lines += [f"Final filter: label {fin['label']}, vector {fin['vector']} of the top "
+                  f"{len(fin['candidates'])} (the largest W2 whose smaller cluster is a "
+                  "minority), " f"{fin['size']} suspicious samples:", "",
+                  markdown_table(["vector", "W2", "smaller cluster share"],
+                                 [[c["vector"], f"{c['wasserstein']:.4g}",
+                                   f"{c['smaller_share']:.1%}"] for c in fin["candidates"]]),
+                  ""]
     if report.get("timings"):
         lines.append("Timings (s): " + ", ".join(f"{k} {v:.2f}"
                                                   for k, v in report["timings"].items()) + ".")

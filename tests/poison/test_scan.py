@@ -25,9 +25,12 @@ from safedl_ext.poison.scan import (
     ScanConfig,
     class_scores,
     filter_metrics,
+    masked_vote,
     pick_base,
+    pick_final_vector,
     pick_target,
     scan,
+    signal_mask,
     smaller_cluster,
     unit_rows,
 )
@@ -67,6 +70,42 @@ def test_smaller_cluster_pick_base_and_filter_metrics():
     m = filter_metrics([2, 3, 7], poisoned=[3, 7, 8], target_indices=[1, 2, 3, 7, 8, 9])
     assert m["sensitivity"] == pytest.approx(2 / 3)
     assert m["specificity"] == pytest.approx(2 / 3)  # clean 1, 2, 9: 2 is flagged
+
+
+def test_the_final_filter_takes_the_widest_split_among_minority_splits():
+    # vector 1 splits its class in halves (not poison-like) with the largest W2; vector 3
+    # has a 10% cluster and a larger W2 than vector 2's 20% cluster
+    a = torch.zeros(3, 10, dtype=torch.int64)
+    a[0, :5] = 1
+    a[1, :2] = 1
+    a[2, :1] = 1
+    j, shares = pick_final_vector(torch.tensor([0.9, 0.2, 0.3]), a, max_share=0.35)
+    assert j == 2 and shares.tolist() == pytest.approx([0.5, 0.2, 0.1])
+    # no minority split: the top vector (the thesis's choice)
+    j, _ = pick_final_vector(torch.tensor([0.1, 0.9, 0.3]), a[[0, 0, 0]], max_share=0.35)
+    assert j == 0
+    # -1 (dropped) points do not count, NaN distances are never chosen
+    b = torch.tensor([[0, 0, 0, 1, -1, -1], [0, 0, 0, 1, 1, 1]])
+    j, shares = pick_final_vector(torch.tensor([float("nan"), 0.5]), b, max_share=0.35)
+    assert shares.tolist() == pytest.approx([0.25, 0.5]) and j == 0
+
+
+def test_signal_mask_and_the_masked_vote():
+    sig = torch.zeros(2, 4, 4)
+    sig[:, 3, 3] = 2.0  # 8 of the squared norm 8 + 4 + 1 + 1 = 14
+    sig[0, 0, 0] = 2.0
+    sig[1, 2, 1] = 1.0
+    sig[1, 1, 1] = 1.0
+    m = signal_mask(sig.flatten(), (2, 4, 4), energy=0.5)
+    assert m.sum() == 1 and m[3, 3]
+    m = signal_mask(sig.flatten(), (2, 4, 4), energy=0.8)  # 12 / 14 > 0.8
+    assert m.sum() == 2 and m[3, 3] and m[0, 0]
+    v = masked_vote(torch.tensor([5, 5, 3, 3, 1, 5]), target=5, num_classes=6)
+    assert v["base"] == 3 and v["left"] == pytest.approx(0.5) and v["votes"][5] == 0
+    assert masked_vote(torch.tensor([5] * 19 + [2]), 5, 6, min_left=0.1)["base"] is None
+    assert masked_vote(torch.tensor([5] * 9 + [2]), 5, 6, min_left=0.1)["base"] == 2
+    with pytest.raises(ValueError, match="base_rule"):
+        ScanConfig(base_rule="logits")  # type: ignore[arg-type]
 
 
 def test_unit_rows_survive_float32_underflow_and_keep_zero_rows():
@@ -156,6 +195,20 @@ def test_scan_finds_target_base_and_the_poisoned_samples_of_a_real_backdoor(mnis
     assert r.suspicious_indices == sorted(r.suspicious_indices)
     first = r.details["first_filter"]
     assert 0 < first["size"] < len(tid) / 2
+    fin = r.details["final_filter"]
+    assert len(fin["candidates"]) == CFG.final_vectors == 3
+    chosen = fin["candidates"][fin["vector"] - 1]
+    assert chosen["smaller_share"] <= CFG.max_share
+    assert all(c["wasserstein"] <= chosen["wasserstein"] for c in fin["candidates"]
+               if c["smaller_share"] <= CFG.max_share)
+    # the base both ways: the corner patch masked, the 3s are 3s again
+    mk = r.details["base_masked"]
+    assert mk["base"] == 3 == r.details["base_gradient"] and mk["left"] > 0.5, mk
+    assert mk["votes"][3] >= 0.9 * sum(mk["votes"]), mk
+    assert r.details["base_rule"] == "masked"
+    # here the poison is the top vector: the thesis's choice gives the same filter
+    top = scan(poisoned, data, config=ScanConfig(final_vectors=1), progress=False)
+    assert fin["vector"] == 1 and top.suspicious_indices == r.suspicious_indices
     # the report: the keys the issue names, the figures, nothing else half-written
     rep = write_report(r, data, tmp_path)
     on_disk = json.loads((tmp_path / "report.json").read_text())
