@@ -22,9 +22,9 @@ Groups (``benchmark.group``) and roles (``benchmark.extra_info["role"]``):
   ``baseline-plain``: the same decisions written plainly (:func:`plain_scan`): per-class
   gradient matrices in memory, ``torch.linalg.svd`` of each centred class matrix,
   scikit-learn ``GaussianMixture(2)`` per class, W2 ratio, smaller cluster; base class by
-  the largest |mean projection| of all-label gradients on uncentred top vectors and by the
-  masked vote (the scan's default rule: the signal's strongest pixels masked, the most
-  frequent label among predictions that left the target); final filter of base-label
+  the masked vote (the scan's default rule: the signal's strongest pixels masked, the most
+  frequent label among predictions that left the target; the largest |mean projection| of
+  all-label gradients on uncentred top vectors when it cannot decide); final filter of base-label
   gradients on the best of their top 3 vectors (the scan's ``final_vectors``). Each
   round's set-up runs one ``scan()``, timed (``speedup_paired``);
   ``same_decisions``/``jaccard`` compare the outcomes with ours.
@@ -189,31 +189,14 @@ def plain_scan(model: nn.Module, x: Tensor, y: Tensor, k: int = 10) -> dict:
     small = torch.from_numpy(_smaller(assign[target]))
     first = idx[target][small]
     del rows
-    # base: all-label gradients on the first filter's BASE_SAMPLES most confident samples
-    # (the scan's ScanConfig.base_samples), uncentred top vector per label
+    # base, on the first filter's BASE_SAMPLES most confident samples (the scan's
+    # ScanConfig.base_samples): the masked rule (the scan's default) first: the pixels
+    # holding half the signal's energy set to each image's mean, the most frequent label
+    # among predictions that left the target
     comp = int(assign[target][small.numpy()][0])
     conf = torch.from_numpy(post[target][small.numpy(), comp])
     sub = first[torch.argsort(-conf, stable=True)[:BASE_SAMPLES]].sort().values
-    per_label: list[list[Tensor]] = [[] for _ in range(k)]
-    for s in range(0, sub.numel(), BATCH):
-        xb = x[sub[s:s + BATCH]].clone().requires_grad_(True)
-        logits = model(xb)
-        for j in range(k):
-            if j == target:
-                continue
-            lab = torch.full((xb.shape[0],), j, dtype=torch.int64)
-            loss = F.cross_entropy(logits, lab, reduction="sum")
-            per_label[j].append(_unit(torch.autograd.grad(loss, xb, retain_graph=True)[0]))
-    means = torch.full((k,), -1.0, dtype=torch.float64)
-    for j in range(k):
-        if j != target:
-            m = torch.cat(per_label[j])
-            means[j] = float((m @ _top_vector(m)).mean().abs())
-    base = int(torch.argmax(means))
-    del per_label
-    # the masked rule: pixels holding half the signal's energy set to each image's mean
-    v = vecs[target]
-    e = v.reshape(x.shape[1], -1).square().sum(0)
+    e = vecs[target].reshape(x.shape[1], -1).square().sum(0)
     order = torch.argsort(e, descending=True)
     count = int((torch.cumsum(e[order], 0) / e.sum() < 0.5).sum()) + 1
     mask = torch.zeros(e.numel())
@@ -226,6 +209,25 @@ def plain_scan(model: nn.Module, x: Tensor, y: Tensor, k: int = 10) -> dict:
     left = pred != target
     if float(left.float().mean()) >= 0.1:
         base = int(torch.bincount(pred[left], minlength=k).argmax())
+    else:  # the gradient rule: all-label gradients, uncentred top vector per label
+        per_label: list[list[Tensor]] = [[] for _ in range(k)]
+        for s in range(0, sub.numel(), BATCH):
+            xb = x[sub[s:s + BATCH]].clone().requires_grad_(True)
+            logits = model(xb)
+            for j in range(k):
+                if j == target:
+                    continue
+                lab = torch.full((xb.shape[0],), j, dtype=torch.int64)
+                loss = F.cross_entropy(logits, lab, reduction="sum")
+                per_label[j].append(_unit(torch.autograd.grad(loss, xb,
+                                                              retain_graph=True)[0]))
+        means = torch.full((k,), -1.0, dtype=torch.float64)
+        for j in range(k):
+            if j != target:
+                m = torch.cat(per_label[j])
+                means[j] = float((m @ _top_vector(m)).mean().abs())
+        base = int(torch.argmax(means))
+        del per_label
     # final filter: the target class's gradients with the base label, centred
     ti = idx[target]
     fin = torch.empty(ti.numel(), d)

@@ -77,6 +77,7 @@ from ..attacks import attack_mode
 from ..gradients import input_gradients
 from ..linalg import StreamingSVD, gmm1d
 from ..linalg.gmm import STATUS_FITTED
+from ..linalg.svd import _orient, _top_eigenpairs
 from ..report import load_torch_safe, save_torch_atomic, tensor_digest
 from ._store import RowStore
 from .data import ScanData
@@ -103,6 +104,7 @@ DEFAULT_MAX_SHARE = 0.35
 SCHEMA_VERSION = 1
 _STATE_VERSION = 3
 _BASE_IN_MEMORY_BYTES = 256 * 2**20
+_FINAL_IN_MEMORY_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,10 @@ class ScanConfig:
             the highest posterior; 0 takes them all. The base is an argmax of label means,
             which a few hundred of the most confident samples settle.
         base_rule: ``"masked"`` or ``"gradient"`` (the thesis's), see step 5 above.
+        base_compare: with ``base_rule="masked"``, also run the gradient rule when the
+            masked vote decides (its base and per-label scores go into the report; it
+            costs K - 1 input-gradient VJPs per base sample). Without it the gradient rule
+            runs only when the masked vote cannot decide.
         final_vectors: how many of the top singular vectors of the base-label gradients
             the final filter considers (the one with the largest W2 whose smaller cluster
             is a minority is used); 1 is the thesis's top vector.
@@ -155,6 +161,7 @@ class ScanConfig:
     gmm_tol: float = 1e-3
     base_samples: int = 256
     base_rule: Literal["masked", "gradient"] = "masked"
+    base_compare: bool = False
     final_vectors: int = 3
     seed: int = 0
 
@@ -183,6 +190,8 @@ class ScanConfig:
                              f"{self.store_dtype!r}")
         if self.wrt not in ("loss", "logit", "prob"):
             raise ValueError(f"wrt must be 'loss', 'logit' or 'prob', got {self.wrt!r}")
+        if not isinstance(self.base_compare, bool):
+            raise ValueError(f"base_compare must be a bool, got {self.base_compare!r}")
         if self.base_rule not in ("masked", "gradient"):
             raise ValueError(f"base_rule must be 'masked' or 'gradient', got {self.base_rule!r}")
         if self.gmm_init not in ("quantile", "kmeans++"):
@@ -814,9 +823,18 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
         means = torch.full((k,), float("nan"), dtype=torch.float64)
         sub = _base_subset(first, assign_t, small, fit["responsibilities"][target, :t_len],
                            config.base_samples)
-        if sub.numel() and sub.numel() * (k - 1) * d * 8 <= _BASE_IN_MEMORY_BYTES:
+        masked = None
+        if sub.numel() and target in cls["vectors"]:
+            mask = signal_mask(cls["vectors"][target], data.shape)
+            preds = _masked_predictions(model, data, sub, mask, config, device)
+            masked = {"pixels": int(mask.sum()), **masked_vote(preds, target, k)}
+        decided = config.base_rule == "masked" and masked is not None \
+            and masked["base"] is not None
+        need_gradient = not decided or config.base_compare
+        if need_gradient and sub.numel() and sub.numel() * (k - 1) * d * 8 <= \
+                _BASE_IN_MEMORY_BYTES:
             means = _base_means_in_memory(model, data, sub, target, k, config, device, bar)
-        elif sub.numel():
+        elif need_gradient and sub.numel():
             base_stream = _Streamed("base", work, k, d, False, config, device,
                                     sub.numel() * (k - 1))
             keep = torch.arange(k) != target
@@ -836,18 +854,12 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
                 if r.projections is not None and r.projections.numel():
                     means[c] = r.projections[:, 0].to(torch.float64).mean()
             base_stream.drop()
-        grad_base = pick_base(means, target) if first.numel() else None
-        masked = None
-        if sub.numel() and target in cls["vectors"]:
-            mask = signal_mask(cls["vectors"][target], data.shape)
-            preds = _masked_predictions(model, data, sub, mask, config, device)
-            masked = {"pixels": int(mask.sum()), **masked_vote(preds, target, k)}
-        base = grad_base
-        if config.base_rule == "masked" and masked is not None and masked["base"] is not None:
-            base = masked["base"]
+        grad_base = pick_base(means, target) if need_gradient and first.numel() else None
+        base = masked["base"] if decided else grad_base  # type: ignore[index]
         timings["base"] = time.perf_counter() - t0
         work.save(base={"base": base, "means": means, "samples": int(sub.numel()),
-                        "gradient": grad_base, "masked": masked}, timings=timings)
+                        "gradient": grad_base, "masked": masked,
+                        "gradient_computed": need_gradient}, timings=timings)
     base = work.state["base"]["base"]
     means = work.state["base"]["means"]
     result.base_class = base
@@ -855,8 +867,9 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
     details["base_rule"] = config.base_rule
     details["base_gradient"] = work.state["base"]["gradient"]
     details["base_masked"] = work.state["base"]["masked"]
-    details["base_scores"] = {str(c): (None if math.isnan(float(m)) else abs(float(m)))
-                              for c, m in enumerate(means)}
+    if work.state["base"]["gradient_computed"]:
+        details["base_scores"] = {str(c): (None if math.isnan(float(m)) else abs(float(m)))
+                                  for c, m in enumerate(means)}
 
     # 6: final filter with the base class as the cross-entropy label
     if base is None:
@@ -866,18 +879,26 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
     if "final" not in work.state:
         t0 = time.perf_counter()
         tidx = torch.nonzero(y == target).flatten()
-        fin = _Streamed("final", work, 1, d, True, config, device, int(tidx.numel()),
-                        rank=min(config.final_vectors, int(tidx.numel()), d))
+        rank = min(config.final_vectors, int(tidx.numel()), d)
+        if tidx.numel() * d * 4 <= _FINAL_IN_MEMORY_BYTES:
+            final_ids, projs = _final_in_memory(model, data, tidx, base, rank, config, device,
+                                                bar)
+        else:
+            fin = _Streamed("final", work, 1, d, True, config, device, int(tidx.numel()),
+                            rank=rank)
 
-        def final_step(s: int, e: int) -> None:
-            idx = tidx[s:e]
-            lab = torch.full((idx.numel(),), base, dtype=torch.int64, device=device)
-            g, zero = _gradients(model, data.images(idx, device), lab, None, idx, config.wrt)
-            fin.add(g, torch.zeros(idx.numel(), dtype=torch.int64, device=device), idx, zero)
+            def final_step(s: int, e: int) -> None:
+                idx = tidx[s:e]
+                lab = torch.full((idx.numel(),), base, dtype=torch.int64, device=device)
+                g, zero = _gradients(model, data.images(idx, device), lab, None, idx,
+                                     config.wrt)
+                fin.add(g, torch.zeros(idx.numel(), dtype=torch.int64, device=device), idx,
+                        zero)
 
-        _stream(fin, tidx.numel(), b, final_step, bar, "scan: final filter")
-        r = fin.finish()[0]
-        projs = r.projections.cpu()
+            _stream(fin, tidx.numel(), b, final_step, bar, "scan: final filter")
+            r = fin.finish()[0]
+            final_ids, projs = r.sample_ids.cpu(), r.projections.cpu()
+            fin.drop()
         m = int(projs.shape[0])
         ffit = _fit([projs[:, j] for j in range(projs.shape[1])], config)
         j, shares = pick_final_vector(ffit.wasserstein2(), ffit.assignments[:, :m],
@@ -886,10 +907,9 @@ def _scan(model: Callable[[Tensor], Tensor], data: ScanData, work: _Work, k: int
         sel = smaller_cluster(a)
         post = ffit.responsibilities[j, :m]
         small_comp = int(a[sel][0]) if bool(sel.any()) else 1
-        fin.drop()
         timings["final"] = time.perf_counter() - t0
-        work.save(final={"ids": r.sample_ids.cpu(), "proj": projs[:, j].clone(), "suspicious":
-                         r.sample_ids.cpu()[sel], "posterior": post[:, small_comp],
+        work.save(final={"ids": final_ids, "proj": projs[:, j].clone(), "suspicious":
+                         final_ids[sel], "posterior": post[:, small_comp],
                          "fit": _fit_dict(ffit), "vector": j, "shares": shares},
                   timings=timings)
     f = work.state["final"]
@@ -961,6 +981,31 @@ def _masked_predictions(model: Callable[[Tensor], Tensor], data: ScanData, sub: 
             logits = model(x * (1 - m) + fill * m)
             out.append(torch.as_tensor(logits).argmax(dim=1).cpu())
     return torch.cat(out)
+
+
+def _final_in_memory(model: Callable[[Tensor], Tensor], data: ScanData, tidx: Tensor,
+                     base: int, rank: int, config: ScanConfig, device: torch.device,
+                     bar: _Progress) -> tuple[Tensor, Tensor]:
+    """The final filter's rows held in memory (float32, n x d within 256 MiB): the target
+    class's unit gradients with the base label, centred, their top ``rank`` right singular
+    vectors by block Krylov on the rows (no d x d Gram matrix, no row store), and the
+    (n, rank) projections, in the order of ``tidx``."""
+    n, d = int(tidx.numel()), data.dim
+    rows = torch.empty((n, d), dtype=torch.float32, device=device)
+    with bar(n, "scan: final filter") as pbar:
+        for s in range(0, n, config.batch_size):
+            idx = tidx[s:s + config.batch_size]
+            lab = torch.full((idx.numel(),), base, dtype=torch.int64, device=device)
+            g, _ = _gradients(model, data.images(idx, device), lab, None, idx, config.wrt)
+            rows[s:s + idx.numel()] = g
+            pbar.update(idx.numel())
+    rows -= rows.to(torch.float64).mean(dim=0).to(torch.float32)
+    gen = torch.Generator().manual_seed(config.seed)
+    _, vecs, _, _ = _top_eigenpairs(
+        lambda v: (rows.T @ (rows @ v.to(torch.float32))).to(torch.float64), d, rank,
+        rank + 10, 300, 1e-6, gen, device)
+    v = _orient(vecs.T).to(torch.float32)  # (rank, d)
+    return tidx.clone(), (rows @ v.T).cpu()
 
 
 def _fit_dict(fit: Any) -> dict[str, Tensor]:

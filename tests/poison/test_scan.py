@@ -201,11 +201,16 @@ def test_scan_finds_target_base_and_the_poisoned_samples_of_a_real_backdoor(mnis
     assert chosen["smaller_share"] <= CFG.max_share
     assert all(c["wasserstein"] <= chosen["wasserstein"] for c in fin["candidates"]
                if c["smaller_share"] <= CFG.max_share)
-    # the base both ways: the corner patch masked, the 3s are 3s again
+    # the base: the corner patch masked, the 3s are 3s again; the gradient rule (the
+    # thesis's) is not run when the masked vote decides, unless asked for
     mk = r.details["base_masked"]
-    assert mk["base"] == 3 == r.details["base_gradient"] and mk["left"] > 0.5, mk
+    assert mk["base"] == 3 and mk["left"] > 0.5, mk
     assert mk["votes"][3] >= 0.9 * sum(mk["votes"]), mk
-    assert r.details["base_rule"] == "masked"
+    assert r.details["base_rule"] == "masked" and r.details["base_gradient"] is None
+    assert "base_scores" not in r.details
+    both = scan(poisoned, data, config=ScanConfig(base_compare=True), progress=False)
+    assert both.details["base_gradient"] == 3 == both.base_class
+    assert both.suspicious_indices == r.suspicious_indices
     # here the poison is the top vector: the thesis's choice gives the same filter
     top = scan(poisoned, data, config=ScanConfig(final_vectors=1), progress=False)
     assert fin["vector"] == 1 and top.suspicious_indices == r.suspicious_indices
@@ -230,7 +235,7 @@ def test_the_capped_base_step_names_the_same_base_in_memory_and_streamed(mnist, 
 
     _, p, poisoned, _ = mnist
     data = ScanData(p.x, p.y)
-    cfg = ScanConfig(threshold=1.35, base_samples=64)
+    cfg = ScanConfig(threshold=1.35, base_samples=64, base_rule="gradient")
     mem = scan(poisoned, data, config=cfg, progress=False)
     monkeypatch.setattr(scan_mod, "_BASE_IN_MEMORY_BYTES", 0)
     streamed = scan(poisoned, data, config=cfg, progress=False)
@@ -241,12 +246,31 @@ def test_the_capped_base_step_names_the_same_base_in_memory_and_streamed(mnist, 
     for c in a:
         if a[c] is not None:
             assert abs(a[c] - b[c]) <= 1e-4 * max(1.0, abs(b[c])), (c, a[c], b[c])
-    full = scan(poisoned, data, config=ScanConfig(threshold=1.35, base_samples=0),
-                progress=False)
+    full = scan(poisoned, data, config=ScanConfig(threshold=1.35, base_samples=0,
+                                                  base_rule="gradient"), progress=False)
     assert full.details["base_samples"] == full.details["first_filter"]["size"] > 64
     assert full.base_class == 3 and full.suspicious_indices == mem.suspicious_indices
     with pytest.raises(ValueError, match="base_samples"):
         ScanConfig(base_samples=-1)
+
+
+def test_the_final_filter_is_the_same_in_memory_and_streamed(mnist, monkeypatch):
+    """The final filter holds the target class's base-label rows in memory when they fit
+    (Krylov on the rows) and streams them through a StreamingSVD (Gram matrix, row store)
+    when not: the same vectors' projections, the same suspicious samples."""
+    import safedl_ext.poison.scan as scan_mod
+
+    _, p, poisoned, _ = mnist
+    data = ScanData(p.x, p.y)
+    cfg = ScanConfig(store_dtype="float32")
+    mem = scan(poisoned, data, config=cfg, progress=False)
+    monkeypatch.setattr(scan_mod, "_FINAL_IN_MEMORY_BYTES", 0)
+    streamed = scan(poisoned, data, config=cfg, progress=False)
+    a, b = mem.details["final_filter"], streamed.details["final_filter"]
+    assert a["vector"] == b["vector"] and mem.suspicious_indices == streamed.suspicious_indices
+    for ca, cb in zip(a["candidates"], b["candidates"], strict=True):
+        assert ca["wasserstein"] == pytest.approx(cb["wasserstein"], rel=1e-4, abs=1e-7)
+        assert ca["smaller_share"] == cb["smaller_share"]
 
 
 def test_the_poison_signal_is_the_trigger(mnist):
