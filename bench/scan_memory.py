@@ -5,7 +5,7 @@ measurement (``bench/test_bench_scan.py`` runs these as subprocesses).
     python bench/scan_memory.py acts --method ac-ours --acts A.npz --out R.json
 
 ``synthetic``: ``--n`` random uint8 CIFAR-shaped images (N, 3, 32, 32) with random labels
-(10 classes), held as a uint8 tensor, scanned (gradient method, gram mode, float16 store)
+(10 classes), held as a uint8 tensor, scanned (gradient method, default mode, float16 store)
 with a tiny random-init model (one 3x3 conv, stride 2, ReLU, one linear layer).
 ``acts``: the activations in ``--acts`` (``a`` (N, D) float32, ``y`` (N,) int64), run
 through one of ``ac-ours``, ``ac-art``, ``ss-ours``, ``ss-art`` (:func:`run_method`).
@@ -178,7 +178,7 @@ def synthetic(n: int, threshold: float, batch: int) -> dict:
     model = tiny_model()
     t0 = time.perf_counter()
     r = scan(model, ScanData(x, y), config=ScanConfig(batch_size=batch, threshold=threshold,
-                                                      mode="gram", store_dtype="float16"),
+                                                      store_dtype="float16"),
              progress=False)
     return {"n": n, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_mb(),
             "start_rss_mb": start_rss, "data_rss_mb": data_rss,

@@ -79,6 +79,8 @@ from ..linalg import StreamingSVD, gmm1d
 from ..linalg.gmm import STATUS_FITTED
 from ..linalg.svd import _orient, _top_eigenpairs
 from ..report import load_torch_safe, save_torch_atomic, tensor_digest
+from ._rows import MAX_CLASSES as MAX_ROW_CLASSES
+from ._rows import ClassRows
 from ._store import RowStore
 from .data import ScanData
 
@@ -120,11 +122,14 @@ class ScanConfig:
             class (poison is a minority of its class; clean classes that split in two
             halves are not flagged, however far apart the halves are).
         device: where the model runs and the per-class state lives.
-        mode: ``"gram"`` (exact, C d^2 floats), ``"sketch"`` (bounded memory, approximate
-            projections) or ``"auto"`` (gram when d <= ``gram_max_dim``).
-        gram_max_dim: the largest d that ``"auto"`` runs in gram mode.
+        mode: ``"rows"`` (exact: a row file per class on disk, Krylov passes over it at
+            the end; at most 256 classes), ``"gram"`` (exact, C d^2 floats updated per
+            row, one row file), ``"sketch"`` (bounded memory, approximate projections) or
+            ``"auto"`` (rows when d <= ``gram_max_dim`` and C <= 256, else gram when d <=
+            ``gram_max_dim``, else sketch).
+        gram_max_dim: the largest d that ``"auto"`` keeps exact.
         sketch_dim: k of sketch mode.
-        store_dtype: ``"float16"`` or ``"float32"``, the on-disk row store of gram mode.
+        store_dtype: ``"float16"`` or ``"float32"``, the on-disk rows of the exact modes.
         checkpoint_rows: the per-class state is folded every this many samples (rounded
             to whole batches) and may be checkpointed there.
         checkpoint_seconds: write a checkpoint at a fold point once this long has passed
@@ -149,7 +154,7 @@ class ScanConfig:
     threshold: float = DEFAULT_THRESHOLD
     max_share: float = DEFAULT_MAX_SHARE
     device: str = "cpu"
-    mode: Literal["auto", "gram", "sketch"] = "auto"
+    mode: Literal["auto", "rows", "gram", "sketch"] = "auto"
     gram_max_dim: int = 4096
     sketch_dim: int = 2048
     store_dtype: Literal["float16", "float32"] = "float16"
@@ -183,8 +188,9 @@ class ScanConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                     or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.mode not in ("auto", "gram", "sketch"):
-            raise ValueError(f"mode must be 'auto', 'gram' or 'sketch', got {self.mode!r}")
+        if self.mode not in ("auto", "rows", "gram", "sketch"):
+            raise ValueError(f"mode must be 'auto', 'rows', 'gram' or 'sketch', got "
+                             f"{self.mode!r}")
         if self.store_dtype not in ("float16", "float32"):
             raise ValueError(f"store_dtype must be 'float16' or 'float32', got "
                              f"{self.store_dtype!r}")
@@ -608,28 +614,41 @@ class _Streamed:
     def __init__(self, name: str, work: _Work, num_classes: int, dim: int, center: bool,
                  config: ScanConfig, device: torch.device, total: int, rank: int = 1) -> None:
         self.name, self.work, self.config = name, work, config
-        gram = config.mode == "gram" or (config.mode == "auto" and dim <= config.gram_max_dim)
+        small_d = dim <= config.gram_max_dim
+        rows_mode = config.mode == "rows" or (config.mode == "auto" and small_d
+                                              and num_classes <= MAX_ROW_CLASSES)
+        gram = not rows_mode and (config.mode == "gram" or (config.mode == "auto" and small_d))
         if gram and num_classes * dim * dim * 4 > 16 * 2**30:
             gram = False  # too many classes for C d^2 floats
-        self.mode = "gram" if gram else "sketch"
-        self.svd = StreamingSVD(num_classes, dim, mode=self.mode, center=center, rank=rank,
-                                sketch_dim=config.sketch_dim, seed=config.seed, device=device)
-        self.store = None
+        self.mode = "rows" if rows_mode else "gram" if gram else "sketch"
         saved = work.state.get(f"{name}:stream")
-        rows = 0
-        if saved is not None:
-            self.svd.load_state_dict(saved["svd"])
-            rows = int(saved["rows"])
-        if self.mode == "gram":
-            self.store = RowStore(work.path(f"{name}.rows"), dim, config.store_dtype, rows)
+        self.svd: StreamingSVD | None = None
+        self.rows: ClassRows | None = None
+        self.store = None
+        if rows_mode:
+            self.rows = ClassRows(work.dir, name, num_classes, dim, center, rank,
+                                  config.store_dtype, total,
+                                  saved["rows"] if saved is not None else None)
+        else:
+            self.svd = StreamingSVD(num_classes, dim, mode=self.mode, center=center,
+                                    rank=rank, sketch_dim=config.sketch_dim,
+                                    seed=config.seed, device=device)
+            rows = 0
+            if saved is not None:
+                self.svd.load_state_dict(saved["svd"])
+                rows = int(saved["rows"])
+            if self.mode == "gram":
+                self.store = RowStore(work.path(f"{name}.rows"), dim, config.store_dtype,
+                                      rows)
         self.done = int(saved["done"]) if saved is not None else 0
         # Each row's label and sample id, in arrival order, in tensors allocated once for
         # the whole stream: small per-batch tensors kept alive between each batch's large
         # temporaries would pin heap pages, and the heap would grow with N (measured).
-        self.labels = torch.zeros(total, dtype=torch.int64)
-        self.ids = torch.zeros(total, dtype=torch.int64)
+        n_ids = 0 if rows_mode else total
+        self.labels = torch.zeros(n_ids, dtype=torch.int64)
+        self.ids = torch.zeros(n_ids, dtype=torch.int64)
         self.filled = 0
-        if saved is not None:
+        if saved is not None and not rows_mode:
             self.filled = int(saved["filled"])
             self.labels[:self.filled] = saved["labels"]
             self.ids[:self.filled] = saved["ids"]
@@ -638,6 +657,11 @@ class _Streamed:
         self._last_save = time.monotonic()
 
     def add(self, rows: Tensor, labels: Tensor, ids: Tensor, zero: Tensor) -> None:
+        self.zero.index_add_(0, labels.cpu(), zero.cpu().to(torch.int64))
+        if self.rows is not None:
+            self.rows.add(rows, labels, ids)
+            return
+        assert self.svd is not None
         self.svd.update(rows, labels, ids)
         if self.store is not None:
             self.store.append(rows)
@@ -645,26 +669,34 @@ class _Streamed:
         self.labels[self.filled:self.filled + n] = labels.cpu()
         self.ids[self.filled:self.filled + n] = ids.cpu()
         self.filled += n
-        self.zero.index_add_(0, labels.cpu(), zero.cpu().to(torch.int64))
 
     def fold(self, done: int, last: bool) -> None:
         """A fold point: the state's buffers are flushed (the same sums whether or not a
         checkpoint is written here); checkpointed when due."""
-        state = self.svd.state_dict()
+        state = self.svd.state_dict() if self.svd is not None else None
         self.done = done
         due = time.monotonic() - self._last_save >= self.config.checkpoint_seconds
         if self.work.persist and (due or last):
-            if self.store is not None:
-                self.store.sync()
-            self.work.save(**{f"{self.name}:stream": {
-                "svd": state, "done": done,
-                "rows": self.store.rows if self.store is not None else 0,
-                "filled": self.filled, "labels": self.labels[:self.filled].clone(),
-                "ids": self.ids[:self.filled].clone(), "zero": self.zero}})
+            if self.rows is not None:
+                self.rows.sync()
+                part = {"rows": self.rows.state(), "done": done, "zero": self.zero}
+            else:
+                if self.store is not None:
+                    self.store.sync()
+                part = {"svd": state, "done": done,
+                        "rows": self.store.rows if self.store is not None else 0,
+                        "filled": self.filled, "labels": self.labels[:self.filled].clone(),
+                        "ids": self.ids[:self.filled].clone(), "zero": self.zero}
+            self.work.save(**{f"{self.name}:stream": part})
             self._last_save = time.monotonic()
 
     def finish(self) -> dict[int, Any]:
         """Finalize and project; ``{class: ClassSVD}``."""
+        if self.rows is not None:
+            res = self.rows.finish(self.config.seed)
+            self.rows.close(delete=True)
+            return res
+        assert self.svd is not None
         self.svd.finalize()
         if self.store is not None:
             labels, ids = self.labels[:self.filled], self.ids[:self.filled]

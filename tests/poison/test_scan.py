@@ -151,17 +151,32 @@ def _plain_w2(model, x, y, k):
     return fit.wasserstein2()
 
 
+@pytest.mark.parametrize("mode", ["rows", "gram"])
 @pytest.mark.parametrize("store", ["float16", "float32"])
-def test_streamed_scan_matches_the_plain_in_memory_computation(digits_model, store):
+def test_streamed_scan_matches_the_plain_in_memory_computation(digits_model, store, mode):
     model, d = digits_model
     r = scan(model, ScanData(d.x_train, d.y_train),
-             config=ScanConfig(batch_size=50, store_dtype=store, threshold=1e9),
+             config=ScanConfig(batch_size=50, store_dtype=store, threshold=1e9, mode=mode),
              progress=False)
+    assert r.details["mode"] == mode
     want = _plain_w2(model, d.x_train, d.y_train, 10)
     got = torch.tensor([c.wasserstein for c in r.classes], dtype=torch.float64)
     tol = 2e-3 if store == "float16" else 1e-5
     assert torch.allclose(got, want, rtol=tol, atol=tol), (got, want)
     assert [c.count for c in r.classes] == torch.bincount(d.y_train, minlength=10).tolist()
+
+
+def test_the_rows_mode_matches_the_plain_computation_at_mnist_size(mnist_backdoor):
+    """d = 784: the rows mode's Krylov passes over the class files (not the dense path of
+    small d) give the per-class W2 of full in-memory SVDs."""
+    b = mnist_backdoor
+    x, y = b.poisoned.x[:3000], b.poisoned.y[:3000]
+    r = scan(b.model, ScanData(x, y),
+             config=ScanConfig(store_dtype="float32", threshold=1e9), progress=False)
+    assert r.details["mode"] == "rows"
+    want = _plain_w2(b.model, x, y, 10)
+    got = torch.tensor([c.wasserstein for c in r.classes], dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (got, want)
 
 
 def test_scan_does_not_depend_on_the_batch_size(digits_model):
@@ -303,7 +318,8 @@ from safedl_ext.poison.data import ScanData
 from safedl_ext.poison.scan import ScanConfig, scan
 blob = torch.load(sys.argv[1])
 m = SmallCNN(in_channels=1, width=16); m.load_state_dict(blob["model"]); m.eval()
-cfg = ScanConfig(batch_size=100, checkpoint_rows=500, checkpoint_seconds=0.0, threshold=1.5)
+cfg = ScanConfig(batch_size=100, checkpoint_rows=500, checkpoint_seconds=0.0, threshold=1.5,
+                 mode=sys.argv[3])
 scan(m, ScanData(blob["x"], blob["y"]), out=sys.argv[2], config=cfg, progress=False)
 print("done")
 """
@@ -313,21 +329,23 @@ def _strip(report: dict) -> dict:
     return {k: v for k, v in report.items() if k != "timings"}
 
 
-def test_a_scan_killed_with_sigkill_resumes_and_writes_the_same_report(mnist, tmp_path):
+@pytest.mark.parametrize("mode", ["rows", "gram"])
+def test_a_scan_killed_with_sigkill_resumes_and_writes_the_same_report(mnist, tmp_path, mode):
     _, p, poisoned, _ = mnist
     keep = torch.cat([torch.nonzero(p.y == c).flatten()[:300] for c in range(10)]).sort().values
     x, y = p.x[keep], p.y[keep]
     blob = tmp_path / "blob.pt"
     torch.save({"model": poisoned.state_dict(), "x": x, "y": y}, blob)
     cfg = ScanConfig(batch_size=100, checkpoint_rows=500, checkpoint_seconds=0.0,
-                     threshold=1.5)
+                     threshold=1.5, mode=mode)
     whole = scan(poisoned, ScanData(x, y), out=tmp_path / "whole", config=cfg,
                  progress=False)
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     kills = 0
     for wait_for in ("main:stream", "classes"):  # mid-pass, then after the first step
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(blob), str(out)], env=env,
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(blob), str(out), mode],
+                                env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         state = out / ".scan" / "state.pt"
         deadline = time.monotonic() + 120

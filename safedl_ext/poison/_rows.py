@@ -1,0 +1,153 @@
+"""Exact per-class top singular vectors from per-class row files (the scan's ``"rows"``
+mode).
+
+The streamed rows of each class are appended to that class's own file (float16 or
+float32) while only the class's running sum (float64, for the centring), its count and its
+sample ids stay in memory. At the end each class is decomposed by block Krylov on its
+rows, read back from its file in chunks: ``X^T (X V) - n mu (mu^T V)`` per iteration, so
+neither the N x d matrix nor a d x d Gram matrix is ever held, and memory does not grow
+with N. Against the gram mode (C d x d matrices updated with every row, then an
+eigensolve on each) it trades the O(N d^2) Gram updates for a few O(N d q) passes over
+files that stay in the page cache: on 20,000 CIFAR-10 gradients (d = 3,072) 1.3 s of Gram
+updates against ~0.3 s of Krylov passes (2026-12-01, 2 EPYC cores).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..linalg.svd import ClassSVD, _orient, _top_eigenpairs
+from ._store import RowStore
+
+_F64 = torch.float64
+#: Rows read per chunk when a class file is streamed back (float32 bytes).
+_CHUNK_BYTES = 32 * 2**20
+#: The most classes the mode keeps files open for (one handle per class).
+MAX_CLASSES = 256
+
+
+class ClassRows:
+    """Per-class row files, their sums and sample ids; :meth:`finish` decomposes.
+
+    Args:
+        folder: where the files go (``<prefix>.<class>.rows``).
+        prefix: the files' name prefix.
+        num_classes: C.
+        dim: d.
+        center: subtract each class's mean before the decomposition.
+        rank: top singular vectors per class.
+        dtype: ``"float16"`` or ``"float32"`` files.
+        total: the most rows the stream will add (preallocates the id arrays).
+        saved: a :meth:`state` to resume from (files are truncated to its row counts).
+    """
+
+    def __init__(self, folder: Path, prefix: str, num_classes: int, dim: int, center: bool,
+                 rank: int, dtype: str, total: int, saved: dict[str, Any] | None = None
+                 ) -> None:
+        if num_classes > MAX_CLASSES:
+            raise ValueError(f"rows mode keeps one file per class, at most {MAX_CLASSES} "
+                             f"classes; got {num_classes} (use mode='gram' or 'sketch')")
+        self.num_classes, self.dim, self.center, self.rank = num_classes, dim, center, rank
+        self.folder, self.prefix, self.dtype = Path(folder), prefix, dtype
+        counts = saved["counts"].tolist() if saved is not None else [0] * num_classes
+        self.counts = counts
+        self.sums = saved["sums"].clone() if saved is not None else \
+            torch.zeros((num_classes, dim), dtype=_F64)
+        # ids per class in arrival order, in one preallocated array (class c's ids live in
+        # ids[c][:counts[c]]); grown only when a class outgrows its share
+        self.ids: list[Tensor] = []
+        for c in range(num_classes):
+            have = saved["ids"][c] if saved is not None else torch.zeros(0, dtype=torch.int64)
+            buf = torch.zeros(max(16, int(have.numel())), dtype=torch.int64)
+            buf[:have.numel()] = have
+            self.ids.append(buf)
+        self.stores = [RowStore(self.path(c), dim, dtype, counts[c])
+                       for c in range(num_classes)]
+
+    def path(self, c: int) -> Path:
+        return self.folder / f"{self.prefix}.{c}.rows"
+
+    def add(self, rows: Tensor, labels: Tensor, ids: Tensor) -> None:
+        """Append (B, d) rows of classes ``labels`` (B,) with sample ids ``ids`` (B,)."""
+        rows = rows.detach()
+        labels_cpu = labels.detach().to("cpu", torch.int64)
+        ids_cpu = ids.detach().to("cpu", torch.int64)
+        order = torch.argsort(labels_cpu, stable=True)
+        present, sizes = torch.unique_consecutive(labels_cpu[order], return_counts=True)
+        start = 0
+        for c, size in zip(present.tolist(), sizes.tolist(), strict=True):
+            idx = order[start:start + size]
+            start += size
+            seg = rows.index_select(0, idx.to(rows.device))
+            self.sums[c] += seg.sum(dim=0, dtype=_F64).cpu()
+            self.stores[c].append(seg)
+            n = self.counts[c]
+            if n + size > self.ids[c].numel():
+                grown = torch.zeros(max(2 * self.ids[c].numel(), n + size), dtype=torch.int64)
+                grown[:n] = self.ids[c][:n]
+                self.ids[c] = grown
+            self.ids[c][n:n + size] = ids_cpu[idx]
+            self.counts[c] = n + size
+
+    def sync(self) -> None:
+        for s in self.stores:
+            s.sync()
+
+    def state(self) -> dict[str, Any]:
+        """What a resume needs (the files hold the rows)."""
+        return {"counts": torch.tensor(self.counts, dtype=torch.int64),
+                "sums": self.sums.clone(),
+                "ids": [self.ids[c][:self.counts[c]].clone() for c in range(self.num_classes)]}
+
+    def _apply(self, c: int, mean: Tensor | None, v: Tensor) -> Tensor:
+        """(X_c - 1 mean^T)^T (X_c - 1 mean^T) v, streaming class c's file: (d, q) float64."""
+        store = self.stores[c]
+        v32 = v.to(torch.float32)
+        out = torch.zeros((self.dim, v.shape[1]), dtype=_F64)
+        chunk = max(1, _CHUNK_BYTES // (4 * self.dim))
+        for _, x in store.chunks(chunk):
+            out += (x.T @ (x @ v32)).to(_F64)
+        if mean is not None:
+            n = self.counts[c]
+            out -= n * torch.outer(mean, mean @ v)
+        return out
+
+    def finish(self, seed: int, max_iter: int = 300, tol: float = 1e-6,
+               oversample: int = 10) -> dict[int, ClassSVD]:
+        """Decompose every class with rows; ``{class: ClassSVD}`` with exact vectors and
+        projections (centred when ``center``), sample ids in arrival order."""
+        out: dict[int, ClassSVD] = {}
+        gen = torch.Generator().manual_seed(seed)
+        for c in range(self.num_classes):
+            n = self.counts[c]
+            if n == 0:
+                continue
+            mean = self.sums[c] / n if self.center else None
+            r = min(self.rank, n, self.dim)
+            vals, vecs, ok, its = _top_eigenpairs(
+                lambda b, c=c, mean=mean: self._apply(c, mean, b), self.dim, r, r + oversample,
+                max_iter, tol, gen, torch.device("cpu"))
+            v = _orient(vecs.T).to(torch.float32)  # (r, d)
+            parts = []
+            chunk = max(1, _CHUNK_BYTES // (4 * self.dim))
+            for _, x in self.stores[c].chunks(chunk):
+                parts.append((x @ v.T).to(_F64))
+            proj = torch.cat(parts)
+            if mean is not None:
+                proj -= (v.to(_F64) @ mean)[None, :]
+            out[c] = ClassSVD(label=c, count=n, singular_values=vals.clamp_min(0.0).sqrt(),
+                              vectors=v, sketch_vectors=None,
+                              sample_ids=self.ids[c][:n].clone(),
+                              projections=proj.to(torch.float32), exact_projections=True,
+                              converged=ok, iterations=its)
+        return out
+
+    def close(self, delete: bool = False) -> None:
+        for c, s in enumerate(self.stores):
+            s.close(delete=delete)
+            if delete and self.path(c).exists():
+                self.path(c).unlink()
