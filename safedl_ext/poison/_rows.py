@@ -25,7 +25,7 @@ from ._store import RowStore
 
 _F64 = torch.float64
 #: Rows read per chunk when a class file is streamed back (float32 bytes).
-_CHUNK_BYTES = 32 * 2**20
+_CHUNK_BYTES = 8 * 2**20
 #: The most classes the mode keeps files open for (one handle per class).
 MAX_CLASSES = 256
 
@@ -78,13 +78,17 @@ class ClassRows:
         ids_cpu = ids.detach().to("cpu", torch.int64)
         order = torch.argsort(labels_cpu, stable=True)
         present, sizes = torch.unique_consecutive(labels_cpu[order], return_counts=True)
+        # One sorted copy of the batch and one in the files' dtype, each of the batch's
+        # size; each class's rows are slices of them (no per-class copies: allocations of
+        # varying size fragment the heap, and the heap then grows with N; measured)
+        grouped = rows.index_select(0, order.to(rows.device))
+        stored = grouped.to("cpu", self.stores[0].torch_dtype).contiguous()
         start = 0
         for c, size in zip(present.tolist(), sizes.tolist(), strict=True):
             idx = order[start:start + size]
+            self.sums[c] += grouped[start:start + size].sum(dim=0, dtype=_F64).cpu()
+            self.stores[c].append(stored[start:start + size])
             start += size
-            seg = rows.index_select(0, idx.to(rows.device))
-            self.sums[c] += seg.sum(dim=0, dtype=_F64).cpu()
-            self.stores[c].append(seg)
             n = self.counts[c]
             if n + size > self.ids[c].numel():
                 grown = torch.zeros(max(2 * self.ids[c].numel(), n + size), dtype=torch.int64)

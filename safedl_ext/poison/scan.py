@@ -10,10 +10,13 @@ The thesis's Algorithm 4 (find target and base) needs the filtered set that Algo
 1. **One streamed pass** over the data: each sample's input gradient of the cross-entropy
    with its own label, L2-normalised (scaled first, so tiny float32 gradients do not
    underflow to a zero norm), routed by label into a centred per-class
-   :class:`~safedl_ext.linalg.StreamingSVD` (the thesis's text centres; its listings do
-   not). The N x d gradient matrix is never held: gram mode keeps C d x d matrices and
-   writes the rows to a float16 store on disk for the projections (a second read of the
-   rows, not a second gradient pass); sketch mode (large d) keeps k numbers per row.
+   decomposition (the thesis's text centres; its listings do not). The N x d gradient
+   matrix is never held: the rows mode (the default for d <= 4,096) appends each class's
+   rows to its own float16 file and keeps only per-class sums and ids, then finds each
+   class's top vector by block Krylov passes over its file (a re-read of the rows, not a
+   second gradient pass); gram mode (a :class:`~safedl_ext.linalg.StreamingSVD`) keeps C
+   d x d matrices updated per row and one row file for the projections; sketch mode
+   (large d) keeps k numbers per row.
 2. **Per class**: the top right singular vector, each sample's projection on it, a batched
    2-component :func:`~safedl_ext.linalg.gmm1d` fit, and the 2-Wasserstein distance W2
    between the two Gaussians.
@@ -106,7 +109,10 @@ DEFAULT_MAX_SHARE = 0.35
 SCHEMA_VERSION = 1
 _STATE_VERSION = 3
 _BASE_IN_MEMORY_BYTES = 256 * 2**20
-_FINAL_IN_MEMORY_BYTES = 256 * 2**20
+#: The final filter holds its rows in memory up to this size (a 2,000-image CIFAR-10
+#: class: 24.6 MB); larger classes are streamed through the main pass's machinery, so the
+#: scan's peak memory does not grow with the class size.
+_FINAL_IN_MEMORY_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -1018,7 +1024,7 @@ def _masked_predictions(model: Callable[[Tensor], Tensor], data: ScanData, sub: 
 def _final_in_memory(model: Callable[[Tensor], Tensor], data: ScanData, tidx: Tensor,
                      base: int, rank: int, config: ScanConfig, device: torch.device,
                      bar: _Progress) -> tuple[Tensor, Tensor]:
-    """The final filter's rows held in memory (float32, n x d within 256 MiB): the target
+    """The final filter's rows held in memory (float32, n x d within 32 MiB): the target
     class's unit gradients with the base label, centred, their top ``rank`` right singular
     vectors by block Krylov on the rows (no d x d Gram matrix, no row store), and the
     (n, rank) projections, in the order of ``tidx``."""
@@ -1031,7 +1037,10 @@ def _final_in_memory(model: Callable[[Tensor], Tensor], data: ScanData, tidx: Te
             g, _ = _gradients(model, data.images(idx, device), lab, None, idx, config.wrt)
             rows[s:s + idx.numel()] = g
             pbar.update(idx.numel())
-    rows -= rows.to(torch.float64).mean(dim=0).to(torch.float32)
+    total = torch.zeros(d, dtype=torch.float64, device=device)
+    for s in range(0, n, 1024):  # the mean in float64 without a float64 copy of the rows
+        total += rows[s:s + 1024].sum(dim=0, dtype=torch.float64)
+    rows -= (total / n).to(torch.float32)
     gen = torch.Generator().manual_seed(config.seed)
     _, vecs, _, _ = _top_eigenpairs(
         lambda v: (rows.T @ (rows @ v.to(torch.float32))).to(torch.float64), d, rank,
