@@ -170,7 +170,8 @@ def _rows(raw: dict) -> list[dict[str, Any]]:
         for key in ("robust_acc", "clean_acc_batch", "clean_acc_test1000", "threads",
                     "agreement", "cos_vector", "cos_projections", "peak_mem_fraction",
                     "peak_rss_fraction", "rows_per_second", "max_abs_diff", "max_rel_diff",
-                    "overhead_ratio", "same_decisions", "jaccard", "peak_ratio", "peak_rss_mb",
+                    "overhead_ratio", "same_decisions", "jaccard", "peak_ratio", "scan_peak_ratio",
+                    "peak_rss_mb",
                     "peak_increase_mb", "note"):
             if key in extra:
                 row[key] = extra[key]

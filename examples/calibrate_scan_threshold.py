@@ -22,7 +22,8 @@ PAIRS = [(5, 3), (6, 8), (3, 1), (2, 0), (4, 7)]  # thesis pairs 1-5 (target, ba
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/scan-calibration.json")
     d = demo_data("mnist")
-    config = ScanConfig(threshold=0.0, max_share=0.5)  # all steps run; decide afterwards
+    # all steps run (decide afterwards); both base rules reported
+    config = ScanConfig(threshold=0.0, max_share=0.5, base_compare=True)
     runs = []
     for seed in range(5):
         runs.append(poisoned_run(d, target=None, seed=seed, config=config).summary())

@@ -230,7 +230,8 @@ def one_run(spec: dict[str, Any], x: torch.Tensor, y: torch.Tensor, split: Any,
     # scores: the same decision as a default scan whenever the two pick the same class
     t0 = time.perf_counter()
     forced = scan(model, data, config=ScanConfig(threshold=0.0, max_share=0.5,
-                                                 device=DEVICE), progress=False)
+                                                 base_compare=True, device=DEVICE),
+                  progress=False)
     out["scan_seconds"] = round(time.perf_counter() - t0, 1)
     scores = torch.tensor([float("nan") if c.score is None else c.score
                            for c in forced.classes])
@@ -240,7 +241,8 @@ def one_run(spec: dict[str, Any], x: torch.Tensor, y: torch.Tensor, split: Any,
                        eligible=valid & (share <= DEFAULT_MAX_SHARE))
     result = forced
     if rule is not None and rule != forced.target_class:
-        result = scan(model, data, config=ScanConfig(device=DEVICE), progress=False)
+        result = scan(model, data, config=ScanConfig(base_compare=True, device=DEVICE),
+                      progress=False)
     out["scan"] = {
         "flagged": rule is not None, "target": rule,
         "base": result.base_class if rule is not None else None,
