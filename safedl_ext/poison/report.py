@@ -149,7 +149,10 @@ def _markdown(report: dict[str, Any], figures: list[str]) -> str:
                   f"masked, {mk['left']:.0%} of those samples leave the target; their votes "
                   f"per label {mk['votes']} name "
                   f"{'no base (too few left)' if mk['base'] is None else mk['base']}. "
-                  f"Gradient rule: {det.get('base_gradient')}. Used: the {det['base_rule']} "
+                  "Gradient rule: " + (
+                      "not run (the masked vote decided; `base_compare=True` runs it)"
+                      if det.get("base_gradient") is None else str(det["base_gradient"]))
+                  + f". Used: the {det['base_rule']} "
                   "rule" + (" (fallback: gradient)" if det["base_rule"] == "masked"
                             and mk["base"] is None else "") + ".", ""]
     fin = det.get("final_filter", {})
