@@ -14,6 +14,7 @@ updates against ~0.3 s of Krylov passes (2026-12-01, 2 EPYC cores).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,18 @@ _CHUNK_BYTES = 8 * 2**20
 MAX_CLASSES = 256
 
 
+def top_vectors(apply: Callable[[Tensor], Tensor], dim: int, rank: int,
+                generator: torch.Generator, device: torch.device, oversample: int = 10,
+                max_iter: int = 300, tol: float = 1e-6
+                ) -> tuple[Tensor, Tensor, bool, int]:
+    """Top ``rank`` right singular vectors of X from ``apply(V) = X^T X V`` ((d, q)
+    float64 in and out) by block Krylov: (singular values (r,) float64, vectors (r, d)
+    float32 with the largest-magnitude entry positive, converged, iterations)."""
+    vals, vecs, ok, its = _top_eigenpairs(apply, dim, rank, rank + oversample, max_iter, tol,
+                                          generator, device)
+    return vals.clamp_min(0.0).sqrt(), _orient(vecs.T).to(torch.float32), ok, its
+
+
 class ClassRows:
     """Per-class row files, their sums and sample ids; :meth:`finish` decomposes.
 
@@ -41,13 +54,11 @@ class ClassRows:
         center: subtract each class's mean before the decomposition.
         rank: top singular vectors per class.
         dtype: ``"float16"`` or ``"float32"`` files.
-        total: the most rows the stream will add (preallocates the id arrays).
         saved: a :meth:`state` to resume from (files are truncated to its row counts).
     """
 
     def __init__(self, folder: Path, prefix: str, num_classes: int, dim: int, center: bool,
-                 rank: int, dtype: str, total: int, saved: dict[str, Any] | None = None
-                 ) -> None:
+                 rank: int, dtype: str, saved: dict[str, Any] | None = None) -> None:
         if num_classes > MAX_CLASSES:
             raise ValueError(f"rows mode keeps one file per class, at most {MAX_CLASSES} "
                              f"classes; got {num_classes} (use mode='gram' or 'sketch')")
@@ -57,8 +68,8 @@ class ClassRows:
         self.counts = counts
         self.sums = saved["sums"].clone() if saved is not None else \
             torch.zeros((num_classes, dim), dtype=_F64)
-        # ids per class in arrival order, in one preallocated array (class c's ids live in
-        # ids[c][:counts[c]]); grown only when a class outgrows its share
+        # each class's sample ids in arrival order: ids[c][:counts[c]], a buffer that
+        # doubles when full
         self.ids: list[Tensor] = []
         for c in range(num_classes):
             have = saved["ids"][c] if saved is not None else torch.zeros(0, dtype=torch.int64)
@@ -67,6 +78,7 @@ class ClassRows:
             self.ids.append(buf)
         self.stores = [RowStore(self.path(c), dim, dtype, counts[c])
                        for c in range(num_classes)]
+        self._chunk = max(1, _CHUNK_BYTES // (4 * dim))  # rows per read-back chunk
 
     def path(self, c: int) -> Path:
         return self.folder / f"{self.prefix}.{c}.rows"
@@ -109,11 +121,9 @@ class ClassRows:
 
     def _apply(self, c: int, mean: Tensor | None, v: Tensor) -> Tensor:
         """(X_c - 1 mean^T)^T (X_c - 1 mean^T) v, streaming class c's file: (d, q) float64."""
-        store = self.stores[c]
         v32 = v.to(torch.float32)
         out = torch.zeros((self.dim, v.shape[1]), dtype=_F64)
-        chunk = max(1, _CHUNK_BYTES // (4 * self.dim))
-        for _, x in store.chunks(chunk):
+        for _, x in self.stores[c].chunks(self._chunk):
             out += (x.T @ (x @ v32)).to(_F64)
         if mean is not None:
             n = self.counts[c]
@@ -132,18 +142,14 @@ class ClassRows:
                 continue
             mean = self.sums[c] / n if self.center else None
             r = min(self.rank, n, self.dim)
-            vals, vecs, ok, its = _top_eigenpairs(
-                lambda b, c=c, mean=mean: self._apply(c, mean, b), self.dim, r, r + oversample,
-                max_iter, tol, gen, torch.device("cpu"))
-            v = _orient(vecs.T).to(torch.float32)  # (r, d)
-            parts = []
-            chunk = max(1, _CHUNK_BYTES // (4 * self.dim))
-            for _, x in self.stores[c].chunks(chunk):
-                parts.append((x @ v.T).to(_F64))
+            sv, v, ok, its = top_vectors(lambda b, c=c, mean=mean: self._apply(c, mean, b),
+                                         self.dim, r, gen, torch.device("cpu"), oversample,
+                                         max_iter, tol)
+            parts = [(x @ v.T).to(_F64) for _, x in self.stores[c].chunks(self._chunk)]
             proj = torch.cat(parts)
             if mean is not None:
                 proj -= (v.to(_F64) @ mean)[None, :]
-            out[c] = ClassSVD(label=c, count=n, singular_values=vals.clamp_min(0.0).sqrt(),
+            out[c] = ClassSVD(label=c, count=n, singular_values=sv,
                               vectors=v, sketch_vectors=None,
                               sample_ids=self.ids[c][:n].clone(),
                               projections=proj.to(torch.float32), exact_projections=True,
@@ -151,7 +157,5 @@ class ClassRows:
         return out
 
     def close(self, delete: bool = False) -> None:
-        for c, s in enumerate(self.stores):
+        for s in self.stores:
             s.close(delete=delete)
-            if delete and self.path(c).exists():
-                self.path(c).unlink()

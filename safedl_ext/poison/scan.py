@@ -80,10 +80,9 @@ from ..attacks import attack_mode
 from ..gradients import input_gradients
 from ..linalg import StreamingSVD, gmm1d
 from ..linalg.gmm import STATUS_FITTED
-from ..linalg.svd import _orient, _top_eigenpairs
 from ..report import load_torch_safe, save_torch_atomic, tensor_digest
 from ._rows import MAX_CLASSES as MAX_ROW_CLASSES
-from ._rows import ClassRows
+from ._rows import ClassRows, top_vectors
 from ._store import RowStore
 from .data import ScanData
 
@@ -633,7 +632,7 @@ class _Streamed:
         self.store = None
         if rows_mode:
             self.rows = ClassRows(work.dir, name, num_classes, dim, center, rank,
-                                  config.store_dtype, total,
+                                  config.store_dtype,
                                   saved["rows"] if saved is not None else None)
         else:
             self.svd = StreamingSVD(num_classes, dim, mode=self.mode, center=center,
@@ -1042,10 +1041,8 @@ def _final_in_memory(model: Callable[[Tensor], Tensor], data: ScanData, tidx: Te
         total += rows[s:s + 1024].sum(dim=0, dtype=torch.float64)
     rows -= (total / n).to(torch.float32)
     gen = torch.Generator().manual_seed(config.seed)
-    _, vecs, _, _ = _top_eigenpairs(
-        lambda v: (rows.T @ (rows @ v.to(torch.float32))).to(torch.float64), d, rank,
-        rank + 10, 300, 1e-6, gen, device)
-    v = _orient(vecs.T).to(torch.float32)  # (rank, d)
+    _, v, _, _ = top_vectors(lambda b: (rows.T @ (rows @ b.to(torch.float32))).to(torch.float64),
+                             d, rank, gen, device)
     return tidx.clone(), (rows @ v.T).cpu()
 
 
