@@ -65,21 +65,36 @@ class RowStore:
         os.fsync(self._fh.fileno())
 
     def read(self, start: int, stop: int) -> Tensor:
-        """Rows [start, stop) as (stop - start, d) float32."""
+        """Rows [start, stop) as a new (stop - start, d) float32 tensor."""
+        raw = torch.empty((stop - start, self.dim), dtype=self.torch_dtype)
+        self._read_into(start, raw)
+        return raw.to(torch.float32)
+
+    def _read_into(self, start: int, raw: Tensor) -> None:
+        """Fill ``raw`` ((n, d), the file's dtype, contiguous) with rows [start, start + n)."""
         self._fh.flush()
-        n = stop - start
-        buf = np.empty((n, self.dim), dtype=self.np_dtype)
+        want = raw.shape[0] * self.row_bytes
         self._fh.seek(start * self.row_bytes)
-        got = self._fh.readinto(memoryview(buf).cast("B"))
+        got = self._fh.readinto(memoryview(raw.numpy()).cast("B"))
         self._fh.seek(0, os.SEEK_END)
-        if got != n * self.row_bytes:
-            raise ValueError(f"{self.path}: short read ({got} of {n * self.row_bytes} bytes)")
-        return torch.from_numpy(buf).to(torch.float32)
+        if got != want:
+            raise ValueError(f"{self.path}: short read ({got} of {want} bytes)")
 
     def chunks(self, rows_per_chunk: int) -> Iterator[tuple[int, Tensor]]:
-        """(start, rows) chunks over the whole store, in order."""
+        """(start, rows) chunks over the whole store, in order: (n, d) float32 views of two
+        buffers allocated once and refilled for the next chunk (copy what must outlive
+        it). Fresh multi-MiB buffers per chunk, with a short last chunk per file, let
+        glibc's heap keep ~100 MiB of freed temporaries in a 50,000-row scan (measured)."""
+        rows_per_chunk = max(1, min(int(rows_per_chunk), self.rows))
+        raw = torch.empty((rows_per_chunk, self.dim), dtype=self.torch_dtype)
+        f32 = raw if self.torch_dtype == torch.float32 else \
+            torch.empty((rows_per_chunk, self.dim), dtype=torch.float32)
         for start in range(0, self.rows, rows_per_chunk):
-            yield start, self.read(start, min(self.rows, start + rows_per_chunk))
+            n = min(self.rows, start + rows_per_chunk) - start
+            self._read_into(start, raw[:n])
+            if f32 is not raw:
+                f32[:n].copy_(raw[:n])
+            yield start, f32[:n]
 
     def close(self, delete: bool = False) -> None:
         if not self._fh.closed:
