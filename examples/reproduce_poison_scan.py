@@ -67,10 +67,10 @@ from safedl_ext.report import (
 )
 from safedl_ext.training import accuracy, predict
 
-PAIRS = {1: (5, 3), 2: (6, 8), 3: (3, 1)}  # thesis pair number: (target, base)
+PAIRS = {1: (5, 3), 2: (6, 8), 3: (3, 1), 4: (2, 0)}  # thesis pair number: (target, base)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck")
-# Thesis values for pairs 1-3 (ResNet18, 10%): Tables 5.1/5.2 (target-label and base-label
+# Thesis values for pairs 1-4 (ResNet18, 10%): Tables 5.1/5.2 (target-label and base-label
 # Spec./Sens.), 5.8/5.9 (AC Spec./Sens.; Table 5.9's pair-1 "Ours" cells are lost and
 # equal Table 5.2's base-label columns), C.5/C.7 (W2 of the target class / mean of the
 # others, computed from the printed rows).
@@ -78,6 +78,7 @@ THESIS = {
     ("blend", 1): {"target_xent": (98.0, 63.8), "base_xent": (99.4, 94.6), "ac": (70.7, 46.6)},
     ("blend", 2): {"target_xent": (99.7, 93.4), "base_xent": (99.6, 96.0), "ac": (73.4, 96.2)},
     ("blend", 3): {"target_xent": (99.2, 74.4), "base_xent": (99.2, 95.6), "ac": (99.8, 93.4)},
+    ("blend", 4): {"target_xent": (99.8, 84.2), "base_xent": (99.7, 89.8), "ac": (50.6, 13.0)},
     ("dot", 1): {"target_xent": (97.9, 86.6), "base_xent": (99.6, 92.8), "ac": (71.7, 80.0)},
 }
 THESIS_W2 = {
@@ -87,6 +88,8 @@ THESIS_W2 = {
                    0.0186, 0.00243],
     ("blend", 3): [0.00236, 0.00426, 0.00298, 0.0454, 0.00212, 0.00196, 0.00170, 0.00245,
                    0.00274, 0.00260],
+    ("blend", 4): [0.00440, 0.00176, 0.0824, 0.00230, 0.00231, 0.00259, 0.00152, 0.00169,
+                   0.00195, 0.00295],
     ("dot", 1): [0.0139, 0.0111, 0.0145, 0.0184, 0.0162, 0.241, 0.0121, 0.0104, 0.0077,
                  0.0154],
 }

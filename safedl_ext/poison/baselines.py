@@ -70,11 +70,13 @@ class _GraphFeatures:
     call's input added to its outputs."""
 
     def __init__(self, gm: Any) -> None:
-        import copy
-
         import torch.fx as fx
 
-        graph = copy.deepcopy(gm.graph)
+        # a node-by-node copy (Graph.graph_copy), not copy.deepcopy: deep-copying the
+        # graph's pytree specs trips torch's LeafSpec deprecation warning
+        graph = fx.Graph(owning_module=gm)
+        env: dict[Any, Any] = {}
+        logits = graph.graph_copy(gm.graph, env)  # the output node's value
         linears = [n for n in graph.nodes if n.op == "call_function" and n.target in (
             torch.ops.aten.linear.default, torch.ops.aten.addmm.default)]
         if not linears:
@@ -82,16 +84,15 @@ class _GraphFeatures:
                              "and Spectral Signatures need penultimate activations")
         last = linears[-1]
         feat = last.args[1] if last.target == torch.ops.aten.addmm.default else last.args[0]
-        out = next(n for n in graph.nodes if n.op == "output")
-        logits = out.args[0]
-        out.args = ((logits, feat),) if not isinstance(logits, (tuple, list)) else \
-            ((logits[0], feat),)
-        codegen = graph._codegen
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        graph.output((logits, feat))
+        codegen = gm.graph._codegen
         if isinstance(codegen, fx.graph._PyTreeCodeGen):  # outputs now two leaves, not one
             from torch.utils import _pytree
 
-            codegen.pytree_info = codegen.pytree_info._replace(
-                out_spec=_pytree.tree_structure((0, 0)))
+            graph._codegen = fx.graph._PyTreeCodeGen(codegen.pytree_info._replace(
+                out_spec=_pytree.tree_structure((0, 0))))
         graph.lint()
         self.gm = fx.GraphModule(gm, graph)
 
