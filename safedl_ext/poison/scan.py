@@ -310,12 +310,15 @@ def unit_rows(g: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns:
         (unit rows (B, d), (B,) bool mask of rows that were exactly zero and stay zero).
+        A row with a NaN or an infinite entry comes back all NaN (its largest |entry| is
+        NaN or inf), so one column tells which rows were not finite.
     """
-    amax = g.abs().amax(dim=1, keepdim=True)
+    amax = g.abs().amax(dim=1, keepdim=True)  # NaN and inf propagate
     zero = amax.squeeze(1) == 0
-    scaled = g / torch.where(amax > 0, amax, torch.ones_like(amax))
+    # only exact zeros are replaced: a NaN or inf divisor turns the whole row NaN
+    scaled = g / torch.where(amax == 0, torch.ones_like(amax), amax)
     norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
-    return scaled / torch.where(norm > 0, norm, torch.ones_like(norm)), zero
+    return scaled.div_(torch.where(norm == 0, torch.ones_like(norm), norm)), zero
 
 
 def class_scores(w2: Tensor, valid: Tensor) -> Tensor:
@@ -525,12 +528,13 @@ def _gradients(model: Callable[[Tensor], Tensor], xb: Tensor, labels: Tensor | s
     check_finite_logits(logits, ids, what="the data")
     b = xb.shape[0]
     flat = g.reshape(b * (g.shape[1] if isinstance(labels, str) else 1), -1)
-    if not bool(torch.isfinite(flat).all()):
-        bad = torch.nonzero(~torch.isfinite(flat).all(dim=1)).flatten()
-        rows = sorted({int(ids[int(r) // (flat.shape[0] // b)]) for r in bad[:10]})
+    u, zero = unit_rows(flat)
+    bad = ~torch.isfinite(u[:, 0])  # a non-finite gradient row is all NaN in u
+    if bool(bad.any()):
+        rows = sorted({int(ids[int(r) // (flat.shape[0] // b)])
+                       for r in torch.nonzero(bad).flatten()[:10]})
         raise ValueError(f"the model's input gradients are not finite for samples {rows} "
                          "(check the model's weights and inputs)")
-    u, zero = unit_rows(flat)
     if isinstance(labels, str):
         return u.reshape(b, g.shape[1], -1), zero.reshape(b, -1).all(dim=1)
     return u, zero

@@ -117,6 +117,12 @@ def test_unit_rows_survive_float32_underflow_and_keep_zero_rows():
     assert norms[:2].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
     assert zero.tolist() == [False, False, True]
     assert u[2].abs().sum() == 0
+    # a row with a NaN or an inf comes back all NaN (the scan's finite check reads one
+    # column), finite rows next to it are untouched
+    h = torch.ones(4, 6)
+    h[0, 2], h[1, 5], h[2, 0] = float("nan"), float("inf"), float("-inf")
+    v, _ = unit_rows(h)
+    assert torch.isnan(v[:3]).all() and bool(torch.isfinite(v[3]).all())
 
 
 # ------------------------------------------------------------------ the streamed math
@@ -411,6 +417,17 @@ def test_bad_input_is_a_clear_error(digits_model):
     x[40, 0, 0, 0] = 0.123
     with pytest.raises(ValueError, match=r"NaN logits for 2 sample\(s\).*17, 40"):
         scan(_NaNAt(model, 0.123), ScanData(x, y), progress=False)
+
+    # finite logits, infinite input gradients (d sqrt(u)/du at u = 0) for two samples
+    x2 = d.x_train.clone().clamp_min(0.01)
+    x2[5, 0, 3, 3] = 0.0
+    x2[33, 0, 1, 2] = 0.0
+
+    def sqrt_first(xb: torch.Tensor) -> torch.Tensor:
+        return model(xb.sqrt())
+
+    with pytest.raises(ValueError, match=r"input gradients are not finite for samples \[5, 33\]"):
+        scan(sqrt_first, ScanData(x2, y), progress=False)
 
 
 def test_classes_with_zero_or_one_sample_are_reported_as_degenerate(digits_model):
