@@ -27,6 +27,10 @@ from ._store import RowStore
 _F64 = torch.float64
 #: Rows read per chunk when a class file is streamed back (float32 bytes).
 _CHUNK_BYTES = 8 * 2**20
+#: A class whose rows take at most this many float32 bytes is read once and decomposed in
+#: memory; a larger one is streamed back in chunks at every Krylov iteration (memory stays
+#: bounded by this constant, not by N).
+_IN_MEMORY_BYTES = 32 * 2**20
 #: The most classes the mode keeps files open for (one handle per class).
 MAX_CLASSES = 256
 
@@ -119,11 +123,17 @@ class ClassRows:
                 "sums": self.sums.clone(),
                 "ids": [self.ids[c][:self.counts[c]].clone() for c in range(self.num_classes)]}
 
-    def _apply(self, c: int, mean: Tensor | None, v: Tensor) -> Tensor:
-        """(X_c - 1 mean^T)^T (X_c - 1 mean^T) v, streaming class c's file: (d, q) float64."""
+    def _rows(self, c: int, held: Tensor | None) -> Any:
+        """Class c's rows as (start, (n, d) float32) chunks: ``held`` whole, or the file."""
+        return [(0, held)] if held is not None else self.stores[c].chunks(self._chunk)
+
+    def _apply(self, c: int, mean: Tensor | None, v: Tensor,
+               held: Tensor | None = None) -> Tensor:
+        """(X_c - 1 mean^T)^T (X_c - 1 mean^T) v over class c's rows (``held`` in memory,
+        else its file in chunks): (d, q) float64."""
         v32 = v.to(torch.float32)
         out = torch.zeros((self.dim, v.shape[1]), dtype=_F64)
-        for _, x in self.stores[c].chunks(self._chunk):
+        for _, x in self._rows(c, held):
             out += (x.T @ (x @ v32)).to(_F64)
         if mean is not None:
             n = self.counts[c]
@@ -142,11 +152,12 @@ class ClassRows:
                 continue
             mean = self.sums[c] / n if self.center else None
             r = min(self.rank, n, self.dim)
-            sv, v, ok, its = top_vectors(lambda b, c=c, mean=mean: self._apply(c, mean, b),
-                                         self.dim, r, gen, torch.device("cpu"), oversample,
-                                         max_iter, tol)
-            parts = [(x @ v.T).to(_F64) for _, x in self.stores[c].chunks(self._chunk)]
-            proj = torch.cat(parts)
+            held = self.stores[c].read(0, n) if n * self.dim * 4 <= _IN_MEMORY_BYTES else None
+            sv, v, ok, its = top_vectors(
+                lambda b, c=c, mean=mean, held=held: self._apply(c, mean, b, held),
+                self.dim, r, gen, torch.device("cpu"), oversample, max_iter, tol)
+            proj = torch.cat([(x @ v.T).to(_F64) for _, x in self._rows(c, held)])
+            del held
             if mean is not None:
                 proj -= (v.to(_F64) @ mean)[None, :]
             out[c] = ClassSVD(label=c, count=n, singular_values=sv,

@@ -172,9 +172,17 @@ def test_streamed_scan_matches_the_plain_in_memory_computation(digits_model, sto
     assert [c.count for c in r.classes] == torch.bincount(d.y_train, minlength=10).tolist()
 
 
-def test_the_rows_mode_matches_the_plain_computation_at_mnist_size(mnist_backdoor):
-    """d = 784: the rows mode's Krylov passes over the class files (not the dense path of
-    small d) give the per-class W2 of full in-memory SVDs."""
+@pytest.mark.parametrize("held", [True, False], ids=["class-in-memory", "file-chunks"])
+def test_the_rows_mode_matches_the_plain_computation_at_mnist_size(mnist_backdoor, held,
+                                                                    monkeypatch):
+    """d = 784: the rows mode's Krylov (not the dense path of small d), on each class's
+    rows read once into memory or streamed from its file in many chunks at every
+    iteration, gives the per-class W2 of full in-memory SVDs."""
+    import safedl_ext.poison._rows as rows_mod
+
+    if not held:
+        monkeypatch.setattr(rows_mod, "_IN_MEMORY_BYTES", 0)
+        monkeypatch.setattr(rows_mod, "_CHUNK_BYTES", 100 * 1024)  # 32 rows a chunk
     b = mnist_backdoor
     x, y = b.poisoned.x[:3000], b.poisoned.y[:3000]
     r = scan(b.model, ScanData(x, y),
