@@ -383,7 +383,11 @@ def write_markdown(path: Path, results: list[dict[str, Any]], meta: dict[str, An
         "filter uses, of the top 3 vectors of the base-label gradients, the one with the "
         "largest W2 whose smaller cluster is ≤ 35% (`vector`; the thesis: always 1). "
         "The thesis has no patch experiments (its 3×3 patch is the GDM baseline's): "
-        "thesis numbers stand beside the blend (its overlay) and dot rows only. Wall times "
+        "thesis numbers stand beside the blend (its overlay) and dot rows only. Seeds: a "
+        "poisoned run's seed is its pair number (which base images are poisoned, the "
+        "blend's MNIST test digit and the dot's pixel, the initialisation and the batch "
+        "order), the clean runs' 100, 101, 102; the scans use `ScanConfig`'s seed 0. "
+        "Wall times "
         "are as measured: a run that shared the 2 cores with another job took longer "
         "(`docs/poison-scan.md` names them).",
         "",
