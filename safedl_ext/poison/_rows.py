@@ -14,7 +14,7 @@ updates against ~0.3 s of Krylov passes (2026-12-01, 2 EPYC cores).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +123,11 @@ class ClassRows:
                 "sums": self.sums.clone(),
                 "ids": [self.ids[c][:self.counts[c]].clone() for c in range(self.num_classes)]}
 
-    def _rows(self, c: int, held: Tensor | None) -> Any:
-        """Class c's rows as (start, (n, d) float32) chunks: ``held`` whole, or the file."""
-        return [(0, held)] if held is not None else self.stores[c].chunks(self._chunk)
+    def _rows(self, c: int, held: Tensor | None) -> Iterable[Tensor]:
+        """Class c's rows as (n, d) float32 chunks in order: ``held`` whole, or the file."""
+        if held is not None:
+            return (held,)
+        return (x for _, x in self.stores[c].chunks(self._chunk))
 
     def _apply(self, c: int, mean: Tensor | None, v: Tensor,
                held: Tensor | None = None) -> Tensor:
@@ -133,7 +135,7 @@ class ClassRows:
         else its file in chunks): (d, q) float64."""
         v32 = v.to(torch.float32)
         out = torch.zeros((self.dim, v.shape[1]), dtype=_F64)
-        for _, x in self._rows(c, held):
+        for x in self._rows(c, held):
             out += (x.T @ (x @ v32)).to(_F64)
         if mean is not None:
             n = self.counts[c]
@@ -156,7 +158,7 @@ class ClassRows:
             sv, v, ok, its = top_vectors(
                 lambda b, c=c, mean=mean, held=held: self._apply(c, mean, b, held),
                 self.dim, r, gen, torch.device("cpu"), oversample, max_iter, tol)
-            proj = torch.cat([(x @ v.T).to(_F64) for _, x in self._rows(c, held)])
+            proj = torch.cat([(x @ v.T).to(_F64) for x in self._rows(c, held)])
             del held
             if mean is not None:
                 proj -= (v.to(_F64) @ mean)[None, :]
