@@ -14,7 +14,7 @@ Targets (exit code stays 0 when one is missed; the summary marks it MISS):
 * ``xgrad-all-*``: input gradients of all 10 labels >= 1.4x ten forward+backward passes,
   with the same gradients (max difference <= 1e-5 of the largest gradient element).
 * ``scan-cifar20k``: ``scan()`` <= 1.3x one forward+input-gradient pass over the same data
-  (paired rounds) and >= 3x the plain implementation, with the same target and base and a
+  (bracketed rounds) and >= 3x the plain implementation, with the same target and base and a
   Jaccard overlap of the suspicious sets >= 0.9; ``scan-memory``: peak RSS at 50,000
   images <= 1.3x that at 5,000.
 
@@ -82,7 +82,7 @@ CHECKS = [
      "(SmallCNN)", "xgrad-all-cifar128", "native", "max_rel_diff", "<=", 1e-5),
     ("all-label input gradients: max |difference| from the 10 passes' / max |gradient| "
      "(digits)", "xgrad-all-digits", "native", "max_rel_diff", "<=", 1e-5),
-    ("scan / one forward+input-gradient pass over the same data (median of paired rounds)",
+    ("scan / one forward+input-gradient pass over the same data (median of bracketed rounds)",
      "scan-cifar20k", "native", "overhead_ratio", "<=", 1.3),
     ("plain implementation takes the scan's decisions (target and base: 1 = same)",
      "scan-cifar20k", "baseline-plain", "same_decisions", ">=", 1.0),

@@ -37,14 +37,14 @@ MAX_CLASSES = 256
 
 def top_vectors(apply: Callable[[Tensor], Tensor], dim: int, rank: int,
                 generator: torch.Generator, device: torch.device, oversample: int = 10,
-                max_iter: int = 300, tol: float = 1e-6
+                max_iter: int = 300, tol: float = 1e-6, dtype: torch.dtype = torch.float64
                 ) -> tuple[Tensor, Tensor, bool, int]:
     """Top ``rank`` right singular vectors of X from ``apply(V) = X^T X V`` ((d, q)
-    float64 in and out) by block Krylov: (singular values (r,) float64, vectors (r, d)
+    ``dtype`` in and out) by block Krylov: (singular values (r,) float64, vectors (r, d)
     float32 with the largest-magnitude entry positive, converged, iterations)."""
     vals, vecs, ok, its = _top_eigenpairs(apply, dim, rank, rank + oversample, max_iter, tol,
-                                          generator, device)
-    return vals.clamp_min(0.0).sqrt(), _orient(vecs.T).to(torch.float32), ok, its
+                                          generator, device, dtype)
+    return (vals.to(_F64).clamp_min(0.0).sqrt(), _orient(vecs.T).to(torch.float32), ok, its)
 
 
 class ClassRows:
@@ -92,25 +92,28 @@ class ClassRows:
         rows = rows.detach()
         labels_cpu = labels.detach().to("cpu", torch.int64)
         ids_cpu = ids.detach().to("cpu", torch.int64)
+        present, inverse, sizes = torch.unique(labels_cpu, sorted=True, return_inverse=True,
+                                               return_counts=True)
         order = torch.argsort(labels_cpu, stable=True)
-        present, sizes = torch.unique_consecutive(labels_cpu[order], return_counts=True)
-        # One sorted copy of the batch and one in the files' dtype, each of the batch's
-        # size; each class's rows are slices of them (no per-class copies: allocations of
+        # The class sums: the batch's per-class float32 sums (one index_add_ of the rows as
+        # they are; a few hundred unit rows in float32, far finer than the float16 files)
+        # added into the float64 totals. One copy of the batch in the files' dtype, sorted
+        # by class; each class's rows are slices of it (no per-class copies: allocations of
         # varying size fragment the heap, and the heap then grows with N; measured)
-        grouped = rows.index_select(0, order.to(rows.device))
-        stored = grouped.to("cpu", self.stores[0].torch_dtype).contiguous()
+        part = torch.zeros((present.numel(), self.dim), dtype=torch.float32, device=rows.device)
+        part.index_add_(0, inverse.to(rows.device), rows.to(torch.float32))
+        self.sums.index_add_(0, present, part.to("cpu", _F64))
+        stored = rows.to("cpu", self.stores[0].torch_dtype).index_select(0, order)
         start = 0
         for c, size in zip(present.tolist(), sizes.tolist(), strict=True):
-            idx = order[start:start + size]
-            self.sums[c] += grouped[start:start + size].sum(dim=0, dtype=_F64).cpu()
             self.stores[c].append(stored[start:start + size])
-            start += size
             n = self.counts[c]
             if n + size > self.ids[c].numel():
                 grown = torch.zeros(max(2 * self.ids[c].numel(), n + size), dtype=torch.int64)
                 grown[:n] = self.ids[c][:n]
                 self.ids[c] = grown
-            self.ids[c][n:n + size] = ids_cpu[idx]
+            self.ids[c][n:n + size] = ids_cpu[order[start:start + size]]
+            start += size
             self.counts[c] = n + size
 
     def sync(self) -> None:
@@ -131,8 +134,15 @@ class ClassRows:
 
     def _apply(self, c: int, mean: Tensor | None, v: Tensor,
                held: Tensor | None = None) -> Tensor:
-        """(X_c - 1 mean^T)^T (X_c - 1 mean^T) v over class c's rows (``held`` in memory,
-        else its file in chunks): (d, q) float64."""
+        """(X_c - 1 mean^T)^T (X_c - 1 mean^T) v over class c's rows: (d, q), float32 for
+        ``held`` rows in memory (one product, ``v`` float32), else float64 summed over the
+        file's chunks."""
+        if held is not None:
+            out32 = held.T @ (held @ v)
+            if mean is not None:
+                m32 = mean.to(torch.float32)
+                out32 -= self.counts[c] * torch.outer(m32, m32 @ v)
+            return out32
         v32 = v.to(torch.float32)
         out = torch.zeros((self.dim, v.shape[1]), dtype=_F64)
         for x in self._rows(c, held):
@@ -155,9 +165,12 @@ class ClassRows:
             mean = self.sums[c] / n if self.center else None
             r = min(self.rank, n, self.dim)
             held = self.stores[c].read(0, n) if n * self.dim * 4 <= _IN_MEMORY_BYTES else None
+            # in memory: float32 Krylov (the rows are float32-accurate, and the basis's
+            # upkeep costs half); streamed: float64 sums over the chunks
             sv, v, ok, its = top_vectors(
                 lambda b, c=c, mean=mean, held=held: self._apply(c, mean, b, held),
-                self.dim, r, gen, torch.device("cpu"), oversample, max_iter, tol)
+                self.dim, r, gen, torch.device("cpu"), oversample, max_iter, tol,
+                torch.float32 if held is not None else _F64)
             proj = torch.cat([(x @ v.T).to(_F64) for x in self._rows(c, held)])
             del held
             if mean is not None:

@@ -123,6 +123,15 @@ def test_unit_rows_survive_float32_underflow_and_keep_zero_rows():
     h[0, 2], h[1, 5], h[2, 0] = float("nan"), float("inf"), float("-inf")
     v, _ = unit_rows(h)
     assert torch.isnan(v[:3]).all() and bool(torch.isfinite(v[3]).all())
+    # a batch whose norms are all far from underflow takes the plain division; it agrees
+    # with the scaled one to float32 rounding, rows of 1e-9 entries included
+    w = torch.randn(5, 3072, generator=torch.Generator().manual_seed(0))
+    w[1] *= 1e-9
+    fast, zero = unit_rows(w)
+    scaled = w / w.abs().amax(dim=1, keepdim=True)
+    slow = scaled / torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
+    assert not zero.any()
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------ the streamed math
