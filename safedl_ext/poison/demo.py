@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attacks import attack_success_rate, patch_trigger, poison_dataset
+from .attacks import Trigger, attack_success_rate, patch_trigger, poison_dataset
 from .data import ScanData
 from .report import write_report
 from .scan import ScanConfig, ScanResult, filter_metrics, scan
@@ -76,6 +76,8 @@ class PoisonRun:
     scan_seconds: float
     data: ScanData
     truth: Tensor | None
+    model: Any = None
+    trigger: Trigger | None = None
 
     def summary(self) -> dict[str, Any]:
         r = self.result
@@ -139,7 +141,8 @@ def poisoned_run(d: DemoData, *, target: int | None = 5, base: int | None = 3,
             "seed": seed, "epochs": epochs, "clean_accuracy": clean, "attack_success": asr,
             "filter": metrics}})
     return PoisonRun(target is not None, target, base, fraction, seed, clean, asr, result,
-                     metrics, train_s, scan_s, data, truth)
+                     metrics, train_s, scan_s, data, truth, model,
+                     trigger if target is not None else None)
 
 
 def run_demo(out: str | Path = "runs/scan-demo", data: str = "auto",
