@@ -12,6 +12,10 @@
     safedl scan --model M --data D    scan a labelled data set for a backdoor with the model
                                       trained on it (input gradients, or AC / SS baselines);
                                       report.json + report.md + PNGs; resumable
+    safedl neutralize --scan R ...    retrain a backdoored model against what a scan found
+                                      (relabel + counter-poison, or removal); the model as
+                                      .pt2 and state dict, report.json + PNGs; resumable
+    safedl pipeline --model M --data D  scan, then neutralize what it finds; resumable
     safedl demo                       the main job, small: plant a backdoor, train, scan; then
                                       scan a clean model
 """
@@ -663,6 +667,186 @@ def _add_scan_parser(sub: Any) -> None:
     sc.set_defaults(fn=_cmd_scan)
 
 
+def _load_model_for(args: argparse.Namespace, data: Any) -> Any:
+    from .models.io import load_model
+
+    kw = {"width": args.width} if args.width is not None else {}
+    model = load_model(args.model, arch=args.arch, in_channels=data.shape[0],
+                       num_classes=args.num_classes, **kw)
+    if isinstance(model, torch.nn.Module):
+        model = model.to(args.device)
+    return model
+
+
+def _labelled_npz(path: str | None, what: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A test set in --data's formats, as (float images in [0, 1], labels)."""
+    if path is None:
+        return None
+    from .poison.data import load_scan_data
+
+    d = load_scan_data(path)
+    if len(d) == 0:
+        raise ValueError(f"{what} {path} holds no samples")
+    return d.images(slice(0, len(d))), d.y
+
+
+def _cmd_neutralize(args: argparse.Namespace) -> int:
+    from .poison.data import load_scan_data
+    from .poison.neutralize import (
+        check_scan_report,
+        neutralize,
+        save_neutralized,
+        write_neutralize_report,
+    )
+
+    report_path = Path(args.scan)
+    if report_path.is_dir():
+        report_path = report_path / "report.json"
+    try:
+        report = json.loads(report_path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--scan {report_path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--scan {report_path} is not a JSON scan report ({exc})") from None
+    config = _neutralize_config(args)
+    data = load_scan_data(args.data)
+    check_scan_report(report, data)
+    if not report.get("poisoned") or report.get("target_class") is None:
+        print("the scan found no backdoor: nothing to neutralize (nothing written)")
+        return 0
+    test = _labelled_npz(args.test, "--test")
+    triggered = _labelled_npz(args.triggered_test, "--triggered-test")
+    model = _load_model_for(args, data)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    result = neutralize(model, data, report, config=config, out=out, test=test,
+                        triggered=triggered, progress=not args.no_progress)
+    files = save_neutralized(result, out, data.images(slice(0, min(2, len(data)))))
+    result.timings["total"] = time.perf_counter() - t0
+    write_neutralize_report(result, out, extra={
+        "model": {"path": str(args.model), "arch": args.arch},
+        "data": {"source": data.source, "shape": list(data.shape), "digest": data.digest()},
+        "scan": {"path": str(report_path), "suspicious": len(report["suspicious_indices"])},
+        "files": files})
+    b, a = result.before, result.after
+    for key, name in (("clean_accuracy", "clean accuracy"),
+                      ("poisoned_accuracy", "poisoned-base accuracy"),
+                      ("attack_success", "attack success")):
+        if key in b and key in a:
+            print(f"{name}: {100 * b[key]:.1f}% -> {100 * a[key]:.1f}%")
+    print(f"neutralized model: {files['export']}, {files['state_dict']}")
+    print(f"report: {out / 'report.json'}, {out / 'report.md'}", file=sys.stderr)
+    return 0
+
+
+def _add_neutralize_parser(sub: Any) -> None:
+    ne = sub.add_parser("neutralize", help="retrain a backdoored model against what a scan "
+                        "found", description="Neutralize a backdoored model (thesis Algorithms "
+                        "5-6): relabel the scan's filtered samples to the base class, add "
+                        "counter-poisoned copies of the other classes' images, retrain. "
+                        "Rerun with the same --out to resume.")
+    _add_neutralize_args(ne, scan_report=True)
+    ne.set_defaults(fn=_cmd_neutralize)
+
+
+def _add_neutralize_args(p: argparse.ArgumentParser, scan_report: bool) -> None:
+    p.add_argument("--model", required=True,
+                   help="the poisoned model: a torch.export archive (.pt2), a run folder of "
+                   "`safedl train`, or a state dict with --arch")
+    p.add_argument("--data", required=True, help="the training data the scan saw (the "
+                   "formats of `safedl scan --data`)")
+    if scan_report:
+        p.add_argument("--scan", required=True, help="the scan's report.json (or its folder)")
+    p.add_argument("--out", required=True, help="folder for the neutralized model, the "
+                   "report and the retraining's checkpoints")
+    p.add_argument("--remedy", choices=["both", "relabel", "counter", "remove"],
+                   default="both", help="both (the thesis), relabel only, counter-poison "
+                   "only, or remove the filtered samples")
+    p.add_argument("--epochs", type=_POS_INT, default=1, help="retraining epochs (thesis: 1)")
+    p.add_argument("--rho", type=_POS, default=500.0,
+                   help="counter-poison factor in 0-255 pixel units (thesis: 500)")
+    p.add_argument("--sign", choices=["ascent", "descent"], default="ascent",
+                   help="the signal along (ascent) or against the loss gradient")
+    p.add_argument("--mode", choices=["add", "replace"], default="add",
+                   help="counter-poisoned copies join (add) or replace the originals")
+    p.add_argument("--fraction", type=_number("float", 0, open_lo=True, hi=1), default=1.0,
+                   help="share of each other class's images that get a copy")
+    p.add_argument("--lr", type=_POS, default=1e-3, help="Adam learning rate")
+    p.add_argument("--batch-size", type=_POS_INT, default=128, help="retraining batch size")
+    p.add_argument("--test", default=None, help="clean test set (.npz x, y or --data's "
+                   "formats): clean accuracy before and after")
+    p.add_argument("--triggered-test", default=None, help="triggered test images with their "
+                   "true labels: poisoned-base accuracy and attack success before and after")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--arch", default=None, help="zoo architecture of a state dict")
+    p.add_argument("--width", type=_POS_INT, default=None, help="the architecture's width")
+    p.add_argument("--num-classes", type=_POS_INT, default=None,
+                   help="outputs of a state dict's model (default: its head's rows)")
+    p.add_argument("--seed", type=_number("int", 0), default=0, help="retraining seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _neutralize_config(args: argparse.Namespace) -> Any:
+    from .poison.neutralize import NeutralizeConfig
+
+    return NeutralizeConfig(remedy=args.remedy, rho=args.rho, sign=args.sign, mode=args.mode,
+                            fraction=args.fraction, epochs=args.epochs, lr=args.lr,
+                            batch_size=args.batch_size, seed=args.seed, device=args.device)
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from .poison.data import load_scan_data
+    from .poison.pipeline import scan_and_neutralize
+    from .poison.scan import ScanConfig
+
+    config = _neutralize_config(args)
+    data = load_scan_data(args.data)
+    if len(data) == 0:
+        raise ValueError(f"--data {args.data} holds no samples: nothing to scan")
+    test = _labelled_npz(args.test, "--test")
+    triggered = _labelled_npz(args.triggered_test, "--triggered-test")
+    model = _load_model_for(args, data)
+    extra_cfg = {"threshold": args.threshold} if args.threshold is not None else {}
+    scan_config = ScanConfig(batch_size=args.scan_batch_size, device=args.device,
+                             seed=args.seed, **extra_cfg)
+    out = Path(args.out)
+    res = scan_and_neutralize(model, data, out, scan_config=scan_config, config=config,
+                              test=test, triggered=triggered, progress=not args.no_progress,
+                              extra={"model": {"path": str(args.model), "arch": args.arch}})
+    r = res.scan
+    if res.neutralized is None:
+        print("no backdoor found: no class stands out; nothing neutralized")
+    else:
+        print(f"backdoor found: target class {r.target_class}, base class {r.base_class}, "
+              f"{len(r.suspicious_indices)} suspicious samples; neutralized "
+              f"({config.remedy})")
+        b, a = res.neutralized.before, res.neutralized.after
+        for key, name in (("clean_accuracy", "clean accuracy"),
+                          ("poisoned_accuracy", "poisoned-base accuracy"),
+                          ("attack_success", "attack success")):
+            if key in b and key in a:
+                print(f"{name}: {100 * b[key]:.1f}% -> {100 * a[key]:.1f}%")
+        print(f"neutralized model: {res.files['export']}")
+    print(f"reports: {out / 'pipeline.json'}, {out / 'scan'}, {out / 'neutralize'}",
+          file=sys.stderr)
+    return 0
+
+
+def _add_pipeline_parser(sub: Any) -> None:
+    pi = sub.add_parser("pipeline", help="scan, then neutralize what the scan finds",
+                        description="Scan a labelled data set for a backdoor with the model "
+                        "trained on it and, when one is found, neutralize the model "
+                        "(`safedl scan` then `safedl neutralize`, resumable as a whole: rerun "
+                        "with the same --out). Exit 0 whether or not one is found.")
+    _add_neutralize_args(pi, scan_report=False)
+    pi.add_argument("--threshold", type=_NONNEG, default=None,
+                    help="scan: score above which the top class is flagged (default: "
+                    "calibrated)")
+    pi.add_argument("--scan-batch-size", type=_POS_INT, default=128,
+                    help="scan: images per forward/backward pass (memory only)")
+    pi.set_defaults(fn=_cmd_pipeline)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .poison.demo import run_demo
 
@@ -688,6 +872,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_viz_parser(sub)
     _add_scan_parser(sub)
+    _add_neutralize_parser(sub)
+    _add_pipeline_parser(sub)
     dm = sub.add_parser("demo", help="plant a backdoor, train, scan; then a clean model")
     dm.add_argument("--out", default="runs/scan-demo", help="folder for the two reports")
     dm.add_argument("--data", choices=["auto", "mnist", "digits"], default="auto",

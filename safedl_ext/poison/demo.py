@@ -1,5 +1,6 @@
 """The main job end to end, small: plant a patch backdoor, train a CNN on the poisoned
-data, scan it, then scan a model trained on clean data (``make demo``, ``safedl demo``).
+data, scan it, neutralize it, then scan a model trained on clean data (``make demo``,
+``safedl demo``).
 
 Data: MNIST's 10,000 test images from the shared data folder (8,000 to train on, 2,000 to
 measure attack success), or scikit-learn's digits when that folder is absent. At the
@@ -148,8 +149,9 @@ def poisoned_run(d: DemoData, *, target: int | None = 5, base: int | None = 3,
 def run_demo(out: str | Path = "runs/scan-demo", data: str = "auto",
              progress: bool = True) -> list[PoisonRun]:
     """The demo: a poisoned model (20% of class 3 relabelled 5 with a white 3 x 3 corner
-    patch) and a clean one, each scanned; reports in ``out/poisoned`` and ``out/clean``.
-    Prints what was found."""
+    patch) and a clean one, each scanned; the poisoned one, once flagged, neutralized
+    (relabel + counter-poison, one epoch); reports in ``out/poisoned`` (and
+    ``out/poisoned/neutralize``) and ``out/clean``. Prints what was found."""
     out = Path(out)
     d = demo_data(data)
     print(f"data: {d.name} ({d.x_train.shape[0]} training images"
@@ -178,5 +180,37 @@ def run_demo(out: str | Path = "runs/scan-demo", data: str = "auto",
         else:
             print("  nothing flagged")
         print(f"  report: {out / name / 'report.md'}")
+        if r.poisoned and run.trigger is not None and r.suspicious_indices:
+            _demo_neutralize(run, d, out / name / "neutralize", progress)
         runs.append(run)
     return runs
+
+
+def _demo_neutralize(run: PoisonRun, d: DemoData, out: Path, progress: bool) -> None:
+    """The thesis's remedy on the demo's poisoned model: relabel the filtered samples,
+    counter-poison the other classes, one epoch; the before/after table."""
+    import shutil
+
+    from .attacks import triggered_test_set
+    from .neutralize import neutralize, save_neutralized, write_neutralize_report
+
+    r = run.result
+    assert run.trigger is not None and r.target_class is not None
+    shutil.rmtree(out, ignore_errors=True)  # the demo's models are trained afresh each run
+    trig = triggered_test_set(d.x_test, d.y_test, run.trigger, target=run.target or 0,
+                              base=run.base)
+    t0 = time.perf_counter()
+    res = neutralize(run.model, run.data, r, out=out, test=(d.x_test, d.y_test),
+                     triggered=trig, progress=progress)
+    files = save_neutralized(res, out, d.x_test[:2])
+    write_neutralize_report(res, out, extra={"files": files})
+    c = res.counts
+    print(f"\n[neutralized] the filtered {c['relabelled']} samples relabelled {res.base}, "
+          f"{c['counter_poisoned']} counter-poisoned copies of the other classes, "
+          f"{res.config.epochs} epoch ({time.perf_counter() - t0:.0f} s)")
+    print(f"  {'':24s}{'before':>8s}{'after':>8s}")
+    for key, label in (("clean_accuracy", "clean accuracy"),
+                       ("poisoned_accuracy", "poisoned-base accuracy"),
+                       ("attack_success", "attack success")):
+        print(f"  {label:24s}{100 * res.before[key]:7.1f}%{100 * res.after[key]:7.1f}%")
+    print(f"  model: {files['export']}; report: {out / 'report.md'}")

@@ -68,10 +68,12 @@ __all__ = [
     "NeutralizeConfig",
     "NeutralizeResult",
     "backdoor_metrics",
+    "check_scan_report",
     "counter_poison_signals",
     "neutralization_plan",
     "neutralize",
     "save_neutralized",
+    "write_neutralize_report",
 ]
 
 Remedy = Literal["both", "relabel", "counter", "remove"]
@@ -607,3 +609,138 @@ def save_neutralized(result: NeutralizeResult, out: str | Path, example: Tensor)
             p.requires_grad_(w)
     write_atomic(out / "model.pt2", lambda fh: torch.export.save(ep, fh))
     return paths
+
+
+# ------------------------------------------------------------------ reports
+
+SCHEMA_VERSION = 1
+
+
+def check_scan_report(report: dict[str, Any], data: ScanData) -> None:
+    """Refuse a scan report of other data: the sample count (the report's class counts)
+    and the data's content digest (``report["data"]["digest"]``, written by
+    :func:`~safedl_ext.poison.report.write_report`) must match ``data``.
+
+    Raises:
+        ValueError: not a gradient scan's report, another count, another digest.
+    """
+    if not isinstance(report, dict) or "suspicious_indices" not in report:
+        raise ValueError("the scan report lacks suspicious_indices: not a report.json of "
+                         "`safedl scan`")
+    if report.get("method", "gradient") != "gradient":
+        raise ValueError(f"the scan report is of method {report.get('method')!r}; "
+                         "neutralization needs the gradient scan's target and base classes")
+    n = report.get("n")
+    if n is None and isinstance(report.get("classes"), list):
+        n = sum(int(c.get("count", 0)) for c in report["classes"])
+    if n is not None and int(n) != len(data):
+        raise ValueError(f"the scan report counts {n} samples, the data holds {len(data)}: it "
+                         "is not the data the scan saw")
+    digest = (report.get("data") or {}).get("digest")
+    if digest is not None and digest != data.digest():
+        raise ValueError("the scan report's data digest differs from this data's: it is not "
+                         "the data the scan saw")
+
+
+def _signal_figure(signals: Tensor, target: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import _savefig
+
+    k = signals.shape[0]
+    fig, axes = plt.subplots(1, k, figsize=(1.3 * k, 1.6))
+    for y, ax in enumerate(list(axes) if k > 1 else [axes]):
+        v = signals[y]
+        img = v.mean(0) if v.shape[0] != 3 else v.permute(1, 2, 0)
+        lim = float(v.abs().max()) or 1.0
+        if v.shape[0] == 3:
+            ax.imshow(((img / lim) * 0.5 + 0.5).clamp(0, 1).numpy())
+        else:
+            ax.imshow(img.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_title("target" if y == target else f"class {y}", fontsize=7)
+        ax.axis("off")
+    fig.suptitle("counter-poison signals (unit vectors; red: added brightness)", fontsize=8)
+    _savefig(fig, path)
+
+
+def _metrics_figure(before: dict[str, float], after: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import _savefig
+
+    keys = [k for k in ("clean_accuracy", "poisoned_accuracy", "attack_success")
+            if k in before and k in after]
+    fig, ax = plt.subplots(figsize=(4.2, 2.4))
+    xs = range(len(keys))
+    ax.bar([x - 0.2 for x in xs], [100 * before[k] for k in keys], 0.4, label="before")
+    ax.bar([x + 0.2 for x in xs], [100 * after[k] for k in keys], 0.4, label="after")
+    ax.set_xticks(list(xs), [k.replace("_", " ") for k in keys], fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    _savefig(fig, path)
+
+
+def write_neutralize_report(result: NeutralizeResult, out: str | Path,
+                            extra: dict[str, Any] | None = None, figures: bool = True
+                            ) -> dict[str, Any]:
+    """``out/report.json``, ``out/report.md`` and the figures (``signals.png``: the
+    counter-poison signals; ``metrics.png``: before/after), each written atomically.
+
+    ``report.json`` keys (schema_version 1): ``schema_version``, ``remedy``,
+    ``target_class``, ``base_class``, ``config``, ``counts``, ``before``, ``after``
+    (``clean_accuracy``, ``poisoned_accuracy``, ``attack_success`` in [0, 1], those
+    measured), ``timings`` (seconds), ``versions``; the command line adds ``data``,
+    ``model``, ``scan`` and ``files``.
+    """
+    import platform
+
+    from .. import __version__
+    from ..report import markdown_table, write_text_atomic
+    from .report import _plain
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rep: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "remedy": result.config.remedy,
+        "target_class": result.target, "base_class": result.base,
+        "config": asdict(result.config), "counts": result.counts, "before": result.before,
+        "after": result.after, "train": result.train, "timings": result.timings,
+        "versions": {"safedl_ext": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()}}
+    if extra:
+        rep.update(extra)
+    names: list[str] = []
+    if figures:
+        if result.signals is not None:
+            _signal_figure(result.signals, result.target, out / "signals.png")
+            names.append("signals.png")
+        if result.before and result.after:
+            _metrics_figure(result.before, result.after, out / "metrics.png")
+            names.append("metrics.png")
+    write_json_atomic(out / "report.json", _plain(rep))
+    rows = [[k.replace("_", " "), f"{100 * result.before[k]:.1f}%",
+             f"{100 * result.after[k]:.1f}%"]
+            for k in ("clean_accuracy", "poisoned_accuracy", "attack_success")
+            if k in result.before and k in result.after]
+    c = result.counts
+    lines = [f"# Neutralization: remedy {result.config.remedy!r}", "",
+             f"Target class {result.target}, base class {result.base}. Training set: "
+             f"{c.get('total')} samples from {c.get('data')} ({c.get('filtered')} filtered, "
+             f"{c.get('relabelled')} relabelled, {c.get('removed')} removed, "
+             f"{c.get('counter_poisoned')} counter-poisoned copies at rho "
+             f"{result.config.rho:g}); {result.config.epochs} epoch(s), "
+             f"{result.config.optimizer} lr {result.config.lr:g}.", ""]
+    if rows:
+        lines += [markdown_table(["measure", "before", "after"], rows), ""]
+    else:
+        lines += ["No test sets were given: nothing measured before and after.", ""]
+    lines += [f"![{f}]({f})" for f in names]
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
+    return rep

@@ -195,3 +195,122 @@ def test_exported_program_is_neutralized_and_written_back(scanned, tmp_path):
         torch.testing.assert_close(again(x[:64]), res.model(x[:64]), rtol=1e-4, atol=1e-4)
     sd = torch.load(paths["state_dict"], weights_only=True)
     assert set(sd) == set(model.state_dict())
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from safedl_ext.cli import main
+
+    capsys.readouterr()
+    rc = main(args)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_cli_scan_then_neutralize(scanned, tmp_path, capsys):
+    """`safedl scan` then `safedl neutralize` on files: the exported model, the uint8 .npz,
+    test sets; the neutralized .pt2 no longer obeys the trigger; the report's keys; and
+    what it refuses, each in one line."""
+    import json
+
+    import numpy as np
+
+    b = scanned.b
+    u8 = (b.poisoned.x[:, 0] * 255).round().to(torch.uint8).numpy()
+    np.savez(tmp_path / "train.npz", x=u8, y=b.poisoned.y.numpy())
+    xt, yt = scanned.test
+    np.savez(tmp_path / "test.npz", x=xt.numpy(), y=yt.numpy())
+    np.savez(tmp_path / "trig.npz", x=scanned.trig[0].numpy(), y=scanned.trig[1].numpy())
+    ep = torch.export.export(b.model, (xt[:2],),
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(ep, tmp_path / "model.pt2")
+    data, model = str(tmp_path / "train.npz"), str(tmp_path / "model.pt2")
+    rc, out, _ = _cli(["scan", "--model", model, "--data", data, "--out",
+                       str(tmp_path / "scan"), "--no-progress"], capsys)
+    assert rc == 0 and "target class 5, base class 3" in out
+    neu = tmp_path / "neu"
+    args = ["neutralize", "--model", model, "--data", data, "--scan", str(tmp_path / "scan"),
+            "--out", str(neu), "--test", str(tmp_path / "test.npz"), "--triggered-test",
+            str(tmp_path / "trig.npz"), "--no-progress"]
+    rc, out, err = _cli(args, capsys)
+    assert rc == 0, err
+    assert "attack success" in out
+    rep = json.loads((neu / "report.json").read_text())
+    assert {"schema_version", "remedy", "target_class", "base_class", "config", "counts",
+            "before", "after", "timings", "versions", "data", "model", "scan",
+            "files"} <= rep.keys()
+    assert rep["remedy"] == "both" and (rep["target_class"], rep["base_class"]) == (5, 3)
+    assert rep["before"]["attack_success"] > 0.9 and rep["after"]["attack_success"] <= 0.10
+    for f in ("model.pt2", "model.pt", "report.md", "signals.png", "metrics.png"):
+        assert (neu / f).is_file(), f
+    from safedl_ext.models.io import load_model
+
+    fixed = load_model(neu / "model.pt2")
+    with torch.no_grad():
+        asr = float((fixed(scanned.trig[0]).argmax(1) == 5).float().mean())
+    assert asr == pytest.approx(rep["after"]["attack_success"], abs=1e-6)
+    # a rerun of the finished command resumes to the same model
+    rc, out2, _ = _cli(args, capsys)
+    assert rc == 0 and out2.splitlines()[:3] == out.splitlines()[:3]
+    # refusals: other data (one sample fewer), rho <= 0, a report that found nothing
+    np.savez(tmp_path / "short.npz", x=u8[:-1], y=b.poisoned.y.numpy()[:-1])
+    bad = ["neutralize", "--model", model, "--data", str(tmp_path / "short.npz"), "--scan",
+           str(tmp_path / "scan"), "--out", str(tmp_path / "x")]
+    rc, _, err = _cli(bad, capsys)
+    assert rc == 2 and "not the data the scan saw" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _cli([*args[:-1], "--rho", "0"], capsys)
+    assert rc == 2 and "rho" in err
+    nothing = json.loads((tmp_path / "scan" / "report.json").read_text())
+    nothing.update(poisoned=False, target_class=None, base_class=None)
+    (tmp_path / "clean.json").write_text(json.dumps(nothing))
+    rc, out, _ = _cli(["neutralize", "--model", model, "--data", data, "--scan",
+                       str(tmp_path / "clean.json"), "--out", str(tmp_path / "none")], capsys)
+    assert rc == 0 and "nothing to neutralize" in out and not (tmp_path / "none").exists()
+
+
+def test_pipeline_resumes_as_a_whole(scanned, tmp_path, capsys):
+    """`safedl pipeline` uninterrupted, against the same pipeline interrupted in its
+    retraining (the scan finished, 9 steps trained) and rerun: the same model and the same
+    before/after figures."""
+    import json
+
+    import numpy as np
+
+    from safedl_ext.models.io import load_model
+    from safedl_ext.poison.data import load_scan_data
+
+    b = scanned.b
+    u8 = (b.poisoned.x[:, 0] * 255).round().to(torch.uint8).numpy()
+    np.savez(tmp_path / "train.npz", x=u8, y=b.poisoned.y.numpy())
+    np.savez(tmp_path / "trig.npz", x=scanned.trig[0].numpy(), y=scanned.trig[1].numpy())
+    ep = torch.export.export(b.model, (scanned.test[0][:2],),
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(ep, tmp_path / "model.pt2")
+    common = ["--model", str(tmp_path / "model.pt2"), "--data", str(tmp_path / "train.npz"),
+              "--triggered-test", str(tmp_path / "trig.npz"), "--remedy", "relabel",
+              "--no-progress"]
+    rc, out, err = _cli(["pipeline", *common, "--out", str(tmp_path / "whole")], capsys)
+    assert rc == 0, err
+    assert "target class 5, base class 3" in out and "attack success" in out
+    whole = json.loads((tmp_path / "whole" / "pipeline.json").read_text())
+    assert whole["poisoned"] and whole["after"]["attack_success"] < whole["before"][
+        "attack_success"]
+    # the interruption: the pipeline's scan done, its retraining stopped after 9 steps
+    part = tmp_path / "part"
+    data = load_scan_data(tmp_path / "train.npz")
+    model = load_model(tmp_path / "model.pt2")
+    found = scan(model, data, out=part / "scan", progress=False)
+    neutralize(model, data, found, config=NeutralizeConfig(remedy="relabel"),
+               out=part / "neutralize", progress=False, max_steps=9)
+    assert not (part / "pipeline.json").exists()
+    rc, _, err = _cli(["pipeline", *common, "--out", str(part)], capsys)
+    assert rc == 0, err
+    again = json.loads((part / "pipeline.json").read_text())
+    for key in ("poisoned", "target_class", "base_class", "suspicious", "before", "after"):
+        assert again[key] == whole[key], key
+    a = torch.load(tmp_path / "whole" / "neutralize" / "model.pt", weights_only=True)
+    c = torch.load(part / "neutralize" / "model.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], msg=k)
