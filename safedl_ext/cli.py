@@ -690,6 +690,15 @@ def _labelled_npz(path: str | None, what: str) -> tuple[torch.Tensor, torch.Tens
     return d.images(slice(0, len(d))), d.y
 
 
+def _print_before_after(before: dict[str, float], after: dict[str, float]) -> None:
+    """The measures taken both before and after a neutralization, one line each."""
+    from .poison.neutralize import MEASURES
+
+    for key, name in MEASURES:
+        if key in before and key in after:
+            print(f"{name}: {100 * before[key]:.1f}% -> {100 * after[key]:.1f}%")
+
+
 def _cmd_neutralize(args: argparse.Namespace) -> int:
     from .poison.data import load_scan_data
     from .poison.neutralize import (
@@ -728,12 +737,7 @@ def _cmd_neutralize(args: argparse.Namespace) -> int:
         "data": {"source": data.source, "shape": list(data.shape), "digest": data.digest()},
         "scan": {"path": str(report_path), "suspicious": len(report["suspicious_indices"])},
         "files": files})
-    b, a = result.before, result.after
-    for key, name in (("clean_accuracy", "clean accuracy"),
-                      ("poisoned_accuracy", "poisoned-base accuracy"),
-                      ("attack_success", "attack success")):
-        if key in b and key in a:
-            print(f"{name}: {100 * b[key]:.1f}% -> {100 * a[key]:.1f}%")
+    _print_before_after(result.before, result.after)
     print(f"neutralized model: {files['export']}, {files['state_dict']}")
     print(f"report: {out / 'report.json'}, {out / 'report.md'}", file=sys.stderr)
     return 0
@@ -820,12 +824,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         print(f"backdoor found: target class {r.target_class}, base class {r.base_class}, "
               f"{len(r.suspicious_indices)} suspicious samples; neutralized "
               f"({config.remedy})")
-        b, a = res.neutralized.before, res.neutralized.after
-        for key, name in (("clean_accuracy", "clean accuracy"),
-                          ("poisoned_accuracy", "poisoned-base accuracy"),
-                          ("attack_success", "attack success")):
-            if key in b and key in a:
-                print(f"{name}: {100 * b[key]:.1f}% -> {100 * a[key]:.1f}%")
+        _print_before_after(res.neutralized.before, res.neutralized.after)
         print(f"neutralized model: {res.files['export']}")
     print(f"reports: {out / 'pipeline.json'}, {out / 'scan'}, {out / 'neutralize'}",
           file=sys.stderr)

@@ -192,7 +192,7 @@ def _demo_neutralize(run: PoisonRun, d: DemoData, out: Path, progress: bool) -> 
     import shutil
 
     from .attacks import triggered_test_set
-    from .neutralize import neutralize, save_neutralized, write_neutralize_report
+    from .neutralize import MEASURES, neutralize, save_neutralized, write_neutralize_report
 
     r = run.result
     assert run.trigger is not None and r.target_class is not None
@@ -209,8 +209,6 @@ def _demo_neutralize(run: PoisonRun, d: DemoData, out: Path, progress: bool) -> 
           f"{c['counter_poisoned']} counter-poisoned copies of the other classes, "
           f"{res.config.epochs} epoch ({time.perf_counter() - t0:.0f} s)")
     print(f"  {'':24s}{'before':>8s}{'after':>8s}")
-    for key, label in (("clean_accuracy", "clean accuracy"),
-                       ("poisoned_accuracy", "poisoned-base accuracy"),
-                       ("attack_success", "attack success")):
+    for key, label in MEASURES:
         print(f"  {label:24s}{100 * res.before[key]:7.1f}%{100 * res.after[key]:7.1f}%")
     print(f"  model: {files['export']}; report: {out / 'report.md'}")

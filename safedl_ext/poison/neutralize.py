@@ -63,6 +63,8 @@ from .data import ScanData
 from .scan import _gradients, attack_mode
 
 __all__ = [
+    "MEASURES",
+    "REMEDIES",
     "NeutralizationLoader",
     "NeutralizationPlan",
     "NeutralizeConfig",
@@ -78,6 +80,10 @@ __all__ = [
 
 Remedy = Literal["both", "relabel", "counter", "remove"]
 REMEDIES: tuple[str, ...] = ("both", "relabel", "counter", "remove")
+#: What :func:`backdoor_metrics` measures: (key, name for tables).
+MEASURES: tuple[tuple[str, str], ...] = (("clean_accuracy", "clean accuracy"),
+                                         ("poisoned_accuracy", "poisoned-base accuracy"),
+                                         ("attack_success", "attack success"))
 #: The signal's per-label gradient rows held in memory at most (float32 bytes); more
 #: filtered samples than fit are subsampled evenly.
 _SIGNAL_BYTES = 256 * 2**20
@@ -674,8 +680,7 @@ def _metrics_figure(before: dict[str, float], after: dict[str, float], path: Pat
 
     from .report import _savefig
 
-    keys = [k for k in ("clean_accuracy", "poisoned_accuracy", "attack_success")
-            if k in before and k in after]
+    keys = [k for k, _ in MEASURES if k in before and k in after]
     fig, ax = plt.subplots(figsize=(4.2, 2.4))
     xs = range(len(keys))
     ax.bar([x - 0.2 for x in xs], [100 * before[k] for k in keys], 0.4, label="before")
@@ -725,10 +730,8 @@ def write_neutralize_report(result: NeutralizeResult, out: str | Path,
             _metrics_figure(result.before, result.after, out / "metrics.png")
             names.append("metrics.png")
     write_json_atomic(out / "report.json", _plain(rep))
-    rows = [[k.replace("_", " "), f"{100 * result.before[k]:.1f}%",
-             f"{100 * result.after[k]:.1f}%"]
-            for k in ("clean_accuracy", "poisoned_accuracy", "attack_success")
-            if k in result.before and k in result.after]
+    rows = [[name, f"{100 * result.before[k]:.1f}%", f"{100 * result.after[k]:.1f}%"]
+            for k, name in MEASURES if k in result.before and k in result.after]
     c = result.counts
     lines = [f"# Neutralization: remedy {result.config.remedy!r}", "",
              f"Target class {result.target}, base class {result.base}. Training set: "

@@ -314,3 +314,25 @@ def test_pipeline_resumes_as_a_whole(scanned, tmp_path, capsys):
     c = torch.load(part / "neutralize" / "model.pt", weights_only=True)
     for k in a:
         torch.testing.assert_close(a[k], c[k], msg=k)
+
+
+def test_demo_prints_the_before_after_table(scanned, tmp_path, capsys):
+    """The demo's neutralization step (``make demo``) on the session's backdoor: the
+    table's three lines, the model and the report written."""
+    from safedl_ext.poison.demo import DemoData, PoisonRun, _demo_neutralize
+
+    b = scanned.b
+    s = b.split
+    run = PoisonRun(True, 5, 3, 0.2, 0, 0.0, None, scanned.result, None, 0.0, 0.0,
+                    scanned.data, b.poisoned.indices, b.model, b.trigger)
+    d = DemoData("mnist", s.x_train, s.y_train, s.x_test, s.y_test)
+    capsys.readouterr()
+    _demo_neutralize(run, d, tmp_path / "neu", progress=False)
+    out = capsys.readouterr().out
+    lines = {ln.split("  ")[1].strip(): ln for ln in out.splitlines() if ln.startswith("  ")
+             and "%" in ln}
+    assert {"clean accuracy", "poisoned-base accuracy", "attack success"} <= set(lines)
+    asr_after = float(lines["attack success"].split()[-1].rstrip("%"))
+    assert asr_after <= 10.0
+    for f in ("model.pt2", "model.pt", "report.json", "report.md"):
+        assert (tmp_path / "neu" / f).is_file(), f
