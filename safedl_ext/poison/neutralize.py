@@ -531,10 +531,10 @@ def neutralize(model: Any, data: ScanData, scan: Any, *,
         p.requires_grad_(True)
     timings: dict[str, float] = {}
     outp = Path(out) if out is not None else None
-    identity = {"config": cfg.identity(), "data": data.digest(), "target": target,
-                "base": base, "suspicious": len(suspicious),
-                "suspicious_sum": int(sum(suspicious))}
-    if outp is not None:
+    if outp is not None:  # the resume's identity (the digest: two passes over the images)
+        identity = {"config": cfg.identity(), "data": data.digest(), "target": target,
+                    "base": base, "suspicious": len(suspicious),
+                    "suspicious_sum": int(sum(suspicious))}
         outp.mkdir(parents=True, exist_ok=True)
         ident_path = outp / "neutralize.identity.json"
         if ident_path.exists():
@@ -622,10 +622,12 @@ def save_neutralized(result: NeutralizeResult, out: str | Path, example: Tensor)
 SCHEMA_VERSION = 1
 
 
-def check_scan_report(report: dict[str, Any], data: ScanData) -> None:
+def check_scan_report(report: dict[str, Any], data: ScanData,
+                      digest: str | None = None) -> None:
     """Refuse a scan report of other data: the sample count (the report's class counts)
     and the data's content digest (``report["data"]["digest"]``, written by
-    :func:`~safedl_ext.poison.report.write_report`) must match ``data``.
+    :func:`~safedl_ext.poison.report.write_report`) must match ``data`` (``digest``: its
+    :meth:`~safedl_ext.poison.data.ScanData.digest`, when the caller has it already).
 
     Raises:
         ValueError: not a gradient scan's report, another count, another digest.
@@ -642,8 +644,8 @@ def check_scan_report(report: dict[str, Any], data: ScanData) -> None:
     if n is not None and int(n) != len(data):
         raise ValueError(f"the scan report counts {n} samples, the data holds {len(data)}: it "
                          "is not the data the scan saw")
-    digest = (report.get("data") or {}).get("digest")
-    if digest is not None and digest != data.digest():
+    saw = (report.get("data") or {}).get("digest")
+    if saw is not None and saw != (digest or data.digest()):
         raise ValueError("the scan report's data digest differs from this data's: it is not "
                          "the data the scan saw")
 
