@@ -776,7 +776,9 @@ def _add_neutralize_args(p: argparse.ArgumentParser, scan_report: bool) -> None:
                    help="counter-poisoned copies join (add) or replace the originals")
     p.add_argument("--fraction", type=_number("float", 0, open_lo=True, hi=1), default=1.0,
                    help="share of each other class's images that get a copy")
-    p.add_argument("--lr", type=_POS, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=_POS, default=2e-3, help="Adam learning rate (peak)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="cosine",
+                   help="the learning rate over the retraining: constant, or cosine to 0")
     p.add_argument("--batch-size", type=_POS_INT, default=128, help="retraining batch size")
     p.add_argument("--test", default=None, help="clean test set (.npz x, y or --data's "
                    "formats): clean accuracy before and after")
@@ -796,7 +798,8 @@ def _neutralize_config(args: argparse.Namespace) -> Any:
 
     return NeutralizeConfig(remedy=args.remedy, rho=args.rho, sign=args.sign, mode=args.mode,
                             fraction=args.fraction, epochs=args.epochs, lr=args.lr,
-                            batch_size=args.batch_size, seed=args.seed, device=args.device)
+                            schedule=args.schedule, batch_size=args.batch_size,
+                            seed=args.seed, device=args.device)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:

@@ -38,9 +38,18 @@ def test_config_refuses_bad_settings():
                     (dict(rho=float("nan")), "rho"), (dict(remedy="prune"), "remedy"),
                     (dict(sign="up"), "sign"), (dict(mode="swap"), "mode"),
                     (dict(fraction=0.0), "fraction"), (dict(epochs=0), "epochs"),
-                    (dict(lr=0.0), "lr")):
+                    (dict(lr=0.0), "lr"), (dict(schedule="step"), "schedule")):
         with pytest.raises(ValueError, match=msg):
             NeutralizeConfig(**kw)
+
+
+def test_cli_defaults_are_the_config_defaults():
+    """`safedl neutralize` and `safedl pipeline` default to NeutralizeConfig's settings."""
+    from safedl_ext.cli import _neutralize_config, build_parser
+
+    for cmd in (["neutralize", "--scan", "s"], ["pipeline"]):
+        args = build_parser().parse_args([*cmd, "--model", "m", "--data", "d", "--out", "o"])
+        assert _neutralize_config(args) == NeutralizeConfig()
 
 
 def test_plan_of_each_remedy(scanned):
