@@ -10,7 +10,7 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test lint bench bench-linalg bench-gradients bench-defenses bench-scan cuda-check cmake-test asan-test gpu-check clean
+.PHONY: setup build demo test lint bench bench-linalg bench-gradients bench-defenses bench-scan bench-neutralize cuda-check cmake-test asan-test gpu-check clean
 
 setup:
 	scripts/setup-venv.sh $(VENV) $(TORCH_SPEC)
@@ -63,6 +63,15 @@ bench-scan: setup
 	$(PY) bench/summarize.py bench/results/scan-cpu-$(SCAN_DATE)-raw.json \
 		--out bench/results/scan-cpu-$(SCAN_DATE).json \
 		--markdown bench/results/scan-cpu-$(SCAN_DATE).md
+
+# Issue 13: scan + neutralization set + one retraining epoch vs one training epoch (~5 min).
+NEU_DATE ?= $(shell date +%Y-%m-%d)
+bench-neutralize: setup
+	SAFEDL_REQUIRE_NATIVE=1 $(PY) -m pytest bench/test_bench_neutralize.py -q \
+		--benchmark-json=bench/results/neutralize-cpu-$(NEU_DATE)-raw.json
+	$(PY) bench/summarize.py bench/results/neutralize-cpu-$(NEU_DATE)-raw.json \
+		--out bench/results/neutralize-cpu-$(NEU_DATE).json \
+		--markdown bench/results/neutralize-cpu-$(NEU_DATE).md
 
 # Compile and link the CUDA kernels against a CUDA build of torch; no GPU needed.
 cuda-check:

@@ -3,8 +3,8 @@
 
 For every poisoned model of ``examples/reproduce_poison_scan.py`` whose attack works
 (ASR >= 80%; trained there, read from its run folder ``train.pt``): rebuild the poisoned
-data (same trigger, seed and 10% of the base class), scan it with the default rule, and
-when the scan flags the right target, neutralize one epoch with each remedy (``both``,
+data (same trigger, seed and 10% of the base class; 5% in the ``-p5`` runs), scan it with
+the default rule, and when the scan flags the right target, neutralize with each remedy (``both``,
 the thesis's; ``relabel``; ``counter``; ``remove``), plus Spectral Signatures' filter
 restricted to the target class (it is given the target and the 10% ratio, as in the
 thesis's Table 5.10) and removal. Each model's clean accuracy (10,000 test images),
@@ -47,12 +47,22 @@ REMEDIES = ("both", "relabel", "counter", "remove")
 #: all, post poisoned)
 THESIS_53 = {1: (95.0, 4.6, 94.3, 88.6), 2: (95.2, 11.3, 95.0, 97.6), 3: (95.5, 2.5, 94.5, 95.3),
              4: (95.0, 16.5, 94.4, 95.3)}
+#: thesis Table 5.5 (overlay, ResNet18, 5%), pair 2 (frog <- ship)
+THESIS_55_PAIR2 = (95.1, 24.3, 95.1, 96.3)
 #: thesis Table 5.10 (dot, 10%): poison success after its defence, ours / SS
 THESIS_510 = {1: (6.0, 7.2), 2: (0.0, 0.1), 3: (3.7, 0.1), 4: (0.4, 1.1)}
 
 
 def pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
+
+
+def skipped(name: str, scan_res: dict[str, Any]) -> dict[str, Any]:
+    """The entry of a run whose attack stays below 80% ASR (nothing to neutralize)."""
+    flagged = scan_res.get("scan", {}).get("target")
+    return {"name": name, "skipped": "attack below 80%; the scan "
+            + (f"flagged class {flagged}" if flagged is not None else "flagged nothing"),
+            "attack_success": scan_res.get("attack_success")}
 
 
 def one(spec: dict[str, Any], split: Any, mnist: torch.Tensor, work: Path, epochs: int,
@@ -69,13 +79,13 @@ def one(spec: dict[str, Any], split: Any, mnist: torch.Tensor, work: Path, epoch
     if (scan_res.get("attack_success") or 0) < 0.8:
         log(f"{spec['name']}: ASR {scan_res.get('attack_success')} < 80%: the attack did "
             "not work, nothing to neutralize")
-        return {"name": spec["name"], "skipped": "attack below 80%",
-                "attack_success": scan_res.get("attack_success")}
+        return skipped(spec["name"], scan_res)
     out_path = run_dir / "neutralize.json"
     res: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
     t, b = spec["target"], spec["base"]
     trigger = rps.make_trigger(spec["kind"], spec["seed"], mnist)
-    p = poison_dataset(split.x_train, split.y_train, trigger, target=t, base=b, fraction=0.1,
+    frac = rps.fraction(spec)
+    p = poison_dataset(split.x_train, split.y_train, trigger, target=t, base=b, fraction=frac,
                        seed=spec["seed"])
     model, _, _ = rps.train(run_dir, p.x, p.y, epochs=epochs, seed=spec["seed"], log=log,
                             asr=None)  # the finished checkpoint: no training
@@ -83,7 +93,8 @@ def one(spec: dict[str, Any], split: Any, mnist: torch.Tensor, work: Path, epoch
     test = (split.x_test, split.y_test)
     trig = triggered_test_set(split.x_test, split.y_test, trigger, target=t, base=b)
     res.update({"name": spec["name"], "kind": spec["kind"], "pair": spec["pair"],
-                "target": t, "base": b, "seed": spec["seed"], "epochs": epochs})
+                "target": t, "base": b, "seed": spec["seed"], "epochs": epochs,
+                "fraction": frac})
     if "scan" not in res:
         t0 = time.perf_counter()
         found = scan(model, data, config=ScanConfig(device=rps.DEVICE), progress=False)
@@ -102,46 +113,75 @@ def one(spec: dict[str, Any], split: Any, mnist: torch.Tensor, work: Path, epoch
               "suspicious_indices": sc["suspicious"]}
     res.setdefault("remedies", {})
     for remedy in REMEDIES:
-        if remedy in res["remedies"]:
-            continue
+        cfg = NeutralizeConfig(remedy=remedy, device=rps.DEVICE)
+        if res["remedies"].get(remedy, {}).get("config") == cfg.identity():
+            continue  # done with these settings (other settings: run again)
         t0 = time.perf_counter()
-        n = neutralize(model, data, report, config=NeutralizeConfig(remedy=remedy,
-                                                                    device=rps.DEVICE),
-                       test=test, triggered=trig, progress=False)
-        res["remedies"][remedy] = {"before": n.before, "after": n.after, "counts": n.counts,
+        n = neutralize(model, data, report, config=cfg, test=test, triggered=trig,
+                       progress=False)
+        res["remedies"][remedy] = {"config": cfg.identity(), "before": n.before,
+                                   "after": n.after, "counts": n.counts,
                                    "seconds": round(time.perf_counter() - t0, 1)}
         write_json_atomic(out_path, res)
         log(f"  {spec['name']} {remedy}: ASR {pct(n.before['attack_success'])} -> "
             f"{pct(n.after['attack_success'])}, poisoned acc. "
             f"{pct(n.after['poisoned_accuracy'])}, clean {pct(n.before['clean_accuracy'])} "
             f"-> {pct(n.after['clean_accuracy'])}")
-    if "ss_remove" not in res:
+    ss_cfg = NeutralizeConfig(remedy="remove", device=rps.DEVICE)
+    if res.get("ss_remove", {}).get("config") != ss_cfg.identity():
         t0 = time.perf_counter()
         ss = spectral_signatures(model, data, config=ScanConfig(device=rps.DEVICE),
-                                 expected_fraction=0.1, progress=False)
+                                 expected_fraction=frac, progress=False)
         tset = set(torch.nonzero(p.y == t).flatten().tolist())
         flagged = sorted(i for i in ss.suspicious_indices if i in tset)
         n = neutralize(model, data, {"poisoned": True, "target_class": t, "base_class": b,
                                      "suspicious_indices": flagged},
-                       config=NeutralizeConfig(remedy="remove", device=rps.DEVICE),
-                       test=test, triggered=trig, progress=False)
+                       config=ss_cfg, test=test, triggered=trig, progress=False)
         m = filter_metrics(flagged, p.indices, torch.tensor(sorted(tset)))
-        res["ss_remove"] = {"filter": m, "before": n.before, "after": n.after,
-                            "seconds": round(time.perf_counter() - t0, 1)}
+        res["ss_remove"] = {"config": ss_cfg.identity(), "filter": m, "before": n.before,
+                            "after": n.after, "seconds": round(time.perf_counter() - t0, 1)}
         write_json_atomic(out_path, res)
         log(f"  {spec['name']} SS + remove: ASR -> {pct(n.after['attack_success'])}")
     return res
 
 
+def meets(before: dict[str, float], after: dict[str, float]) -> str:
+    """The issue's three bars: ASR <= 10%, poisoned-base >= 80%, clean within 2 points."""
+    ok = [after["attack_success"] <= 0.10, after["poisoned_accuracy"] >= 0.80,
+          after["clean_accuracy"] >= before["clean_accuracy"] - 0.02]
+    return "yes" if all(ok) else "no (" + ", ".join(
+        n for n, o in zip(("ASR", "poisoned", "clean"), ok, strict=True) if not o) + ")"
+
+
 def write_tables(results: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    d = NeutralizeConfig()
     lines = ["# Neutralization on CIFAR-10 at this machine's scale (issue 13)", "",
              f"Generated by `examples/reproduce_neutralize.py` on {meta['date']}: "
              f"{meta['model']}, {meta['epochs']} epochs of training (the scan reproduction's "
-             f"models, `docs/results/poison-scan.md`), 10% of the base class poisoned; "
-             "neutralization: one epoch, Adam lr 1e-3, batch 128, rho 500 (0-255 units), "
-             f"sign ascent, copies added; {meta['machine']}. Accuracies in %: clean on the "
-             "10,000 test images, poisoned-base (against the true base label) and ASR on the "
-             "1,000 base-class test images with the trigger.", ""]
+             f"models, `docs/results/poison-scan.md`), 10% of the base class poisoned (5% in "
+             "the runs named `-p5`); neutralization with `NeutralizeConfig`'s defaults: "
+             f"{d.epochs} epoch, {d.optimizer} lr {d.lr:g} ({d.schedule}), batch "
+             f"{d.batch_size}, rho {d.rho:g} (0-255 units), sign {d.sign}, copies "
+             f"{'added' if d.mode == 'add' else 'replacing'} for {d.fraction:.0%} of each "
+             f"other class; {meta['machine']}. Accuracies in %: clean on the 10,000 test "
+             "images; base class untriggered, poisoned-base (against the true base label) and "
+             "ASR on the 1,000 base-class test images (without, with the trigger).", "",
+             f"## The default remedy ({d.remedy})", ""]
+    head = ["run", "pair", "ASR", "poisoned-base", "base untriggered", "clean",
+            "meets the bars", "poisoned-base − untriggered after", "seconds"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        got = res.get("remedies", {}).get(d.remedy)
+        if not got:
+            continue
+        b, a = got["before"], got["after"]
+        lines.append("| " + " | ".join([
+            res["name"], str(res["pair"]),
+            *(f"{pct(b.get(k))} → {pct(a.get(k))}" for k in
+              ("attack_success", "poisoned_accuracy", "base_accuracy", "clean_accuracy")),
+            meets(b, a), f"{100 * (a['poisoned_accuracy'] - a['base_accuracy']):+.1f}"
+            if "base_accuracy" in a else "–", f"{got['seconds']:.0f}"]) + " |")
+    lines += ["", "## The remedies side by side", ""]
     head = ["run", "pair", "ASR before", "clean before", "poisoned before"]
     for r in REMEDIES:
         head += [f"{r}: ASR", f"{r}: poisoned", f"{r}: clean"]
@@ -170,6 +210,8 @@ def write_tables(results: list[dict[str, Any]], meta: dict[str, Any], out: Path)
               "after neutralization, clean / poisoned-base: "
               + "; ".join(f"pair {k}: {v[0]}/{v[1]} -> {v[2]}/{v[3]}"
                           for k, v in THESIS_53.items())
+              + "; Table 5.5 (blend, 5%), pair 2: " + "/".join(map(str, THESIS_55_PAIR2[:2]))
+              + " -> " + "/".join(map(str, THESIS_55_PAIR2[2:]))
               + ". Table 5.10 (dot, 10%), poison success after the defence, ours / SS: "
               + "; ".join(f"pair {k}: {v[0]} / {v[1]}" for k, v in THESIS_510.items()) + "."]
     write_text_atomic(out / "poison-neutralize.md", "\n".join(lines) + "\n")
@@ -199,9 +241,11 @@ def main() -> int:
     results = []
     if args.report_only:
         for r in wanted:
-            f = work / r["name"] / "neutralize.json"
+            f, done = work / r["name"] / "neutralize.json", work / r["name"] / "result.json"
             if f.exists():
                 results.append(json.loads(f.read_text()))
+            elif done.exists():
+                results.append(skipped(r["name"], json.loads(done.read_text())))
     else:
         root = default_data_root()
         split = load_cifar10(root / "cifar10")
