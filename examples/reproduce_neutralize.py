@@ -38,9 +38,9 @@ from safedl_ext.data.datasets import default_data_root
 from safedl_ext.poison import poison_dataset, triggered_test_set
 from safedl_ext.poison.baselines import spectral_signatures
 from safedl_ext.poison.data import ScanData
-from safedl_ext.poison.neutralize import NeutralizeConfig, neutralize
+from safedl_ext.poison.neutralize import NeutralizeConfig, backdoor_metrics, neutralize
 from safedl_ext.poison.scan import ScanConfig, filter_metrics, scan
-from safedl_ext.report import machine_info, write_json_atomic, write_text_atomic
+from safedl_ext.report import load_torch_safe, machine_info, write_json_atomic, write_text_atomic
 
 REMEDIES = ("both", "relabel", "counter", "remove")
 #: thesis Table 5.3 (overlay = blend, ResNet18, 10%): pair -> (pre all, pre poisoned, post
@@ -55,6 +55,23 @@ THESIS_510 = {1: (6.0, 7.2), 2: (0.0, 0.1), 3: (3.7, 0.1), 4: (0.4, 1.1)}
 
 def pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
+
+
+_CLEAN: list[torch.nn.Module] = []
+
+
+def clean_models(work: Path, epochs: int) -> list[torch.nn.Module]:
+    """The scan reproduction's clean models (``clean-0`` ... ``clean-2``), trained there."""
+    if not _CLEAN:
+        for r in rps.runs_wanted():
+            done = work / r["name"] / "result.json"
+            if r["kind"] == "clean" and done.exists():
+                s = load_torch_safe(work / r["name"] / "train.pt", what="training checkpoint")
+                if s["epoch"] == epochs:
+                    m = rps.build()
+                    m.load_state_dict(s["model"])
+                    _CLEAN.append(m.eval())
+    return _CLEAN
 
 
 def skipped(name: str, scan_res: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +109,9 @@ def one(spec: dict[str, Any], split: Any, mnist: torch.Tensor, work: Path, epoch
     data = ScanData(p.x, p.y, source=f"CIFAR-10 train, {spec['name']}")
     test = (split.x_test, split.y_test)
     trig = triggered_test_set(split.x_test, split.y_test, trigger, target=t, base=b)
+    if "clean_models" not in res:  # what the trigger costs models that never saw it
+        res["clean_models"] = [backdoor_metrics(m, test=test, triggered=trig, target=t)
+                               for m in clean_models(work, epochs)]
     res.update({"name": spec["name"], "kind": spec["kind"], "pair": spec["pair"],
                 "target": t, "base": b, "seed": spec["seed"], "epochs": epochs,
                 "fraction": frac})
@@ -153,6 +173,16 @@ def meets(before: dict[str, float], after: dict[str, float]) -> str:
         n for n, o in zip(("ASR", "poisoned", "clean"), ok, strict=True) if not o) + ")"
 
 
+def control(res: dict[str, Any], after: dict[str, float]) -> list[str]:
+    """The clean models' poisoned-base accuracy (min-max), and whether ``after`` reaches
+    their best."""
+    cm = [m["poisoned_accuracy"] for m in res.get("clean_models", [])]
+    if not cm:
+        return ["–", "–"]
+    return [f"{100 * min(cm):.1f}–{100 * max(cm):.1f}",
+            "yes" if after["poisoned_accuracy"] >= max(cm) else "no"]
+
+
 def write_tables(results: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     d = NeutralizeConfig()
     lines = ["# Neutralization on CIFAR-10 at this machine's scale (issue 13)", "",
@@ -165,10 +195,18 @@ def write_tables(results: list[dict[str, Any]], meta: dict[str, Any], out: Path)
              f"{'added' if d.mode == 'add' else 'replacing'} for {d.fraction:.0%} of each "
              f"other class; {meta['machine']}. Accuracies in %: clean on the 10,000 test "
              "images; base class untriggered, poisoned-base (against the true base label) and "
-             "ASR on the 1,000 base-class test images (without, with the trigger).", "",
+             "ASR on the 1,000 base-class test images (without, with the trigger). The "
+             "control: the scan reproduction's 3 clean models (never poisoned) on the same "
+             "triggered images, what a model of this size gets when the trigger means "
+             "nothing to it. Seeds: a model's training seed is its pair number (which images "
+             "are poisoned, the blend's digit, the initialisation, the batch order; "
+             "`docs/results/poison-scan.md`), the scans' and neutralizations' seed 0 (the "
+             "retraining's shuffle and the copies' choice, `NeutralizeConfig.seed`). Wall "
+             "times: `seconds` per neutralization, signals and measurements included.", "",
              f"## The default remedy ({d.remedy})", ""]
     head = ["run", "pair", "ASR", "poisoned-base", "base untriggered", "clean",
-            "meets the bars", "poisoned-base − untriggered after", "seconds"]
+            "meets the bars", "poisoned-base − untriggered after",
+            "clean models on the triggered images", "≥ the clean models", "seconds"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
         got = res.get("remedies", {}).get(d.remedy)
@@ -180,7 +218,8 @@ def write_tables(results: list[dict[str, Any]], meta: dict[str, Any], out: Path)
             *(f"{pct(b.get(k))} → {pct(a.get(k))}" for k in
               ("attack_success", "poisoned_accuracy", "base_accuracy", "clean_accuracy")),
             meets(b, a), f"{100 * (a['poisoned_accuracy'] - a['base_accuracy']):+.1f}"
-            if "base_accuracy" in a else "–", f"{got['seconds']:.0f}"]) + " |")
+            if "base_accuracy" in a else "–", *control(res, a), f"{got['seconds']:.0f}"])
+            + " |")
     lines += ["", "## The remedies side by side", ""]
     head = ["run", "pair", "ASR before", "clean before", "poisoned before"]
     for r in REMEDIES:
