@@ -112,6 +112,7 @@ def one(spec: dict[str, Any], split: Any, mnist: torch.Tensor, work: Path, epoch
     if "clean_models" not in res:  # what the trigger costs models that never saw it
         res["clean_models"] = [backdoor_metrics(m, test=test, triggered=trig, target=t)
                                for m in clean_models(work, epochs)]
+        write_json_atomic(out_path, res)
     res.update({"name": spec["name"], "kind": spec["kind"], "pair": spec["pair"],
                 "target": t, "base": b, "seed": spec["seed"], "epochs": epochs,
                 "fraction": frac})
