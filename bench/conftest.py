@@ -81,6 +81,25 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "safedl_ext" / "bench"
 
 
+def cached_train(model: torch.nn.Module, key: str, train) -> dict:
+    """Load ``model``'s weights from the bench cache under ``key``, or run ``train()``
+    (trains ``model`` in place, returns its metadata) and cache them: the metadata, with
+    ``cached`` saying which."""
+    import json
+
+    from safedl_ext.report import load_torch_safe, save_torch_atomic
+
+    weights, meta_path = cache_dir() / f"{key}.pt", cache_dir() / f"{key}.json"
+    if weights.exists() and meta_path.exists():
+        model.load_state_dict(load_torch_safe(weights, what="bench model"))
+        return {**json.loads(meta_path.read_text()), "cached": True}
+    meta = train()
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    save_torch_atomic(weights, model.state_dict())
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return {**meta, "cached": False}
+
+
 def require_native() -> None:
     """Skip a native benchmark when the extension did not load."""
     if ops.backend() != "native":

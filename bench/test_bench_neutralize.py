@@ -33,7 +33,6 @@ Group ``neutralize-cifar20k``:
 from __future__ import annotations
 
 import copy
-import json
 import os
 import statistics
 import time
@@ -42,7 +41,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import THREADS, cache_dir, data_root, require_native
+from conftest import THREADS, cached_train, data_root, require_native
 from torch import Tensor, nn
 
 from safedl_ext.poison import patch_trigger, poison_dataset
@@ -73,27 +72,21 @@ def poisoned(cifar_archives) -> tuple[Tensor, Tensor]:
 def neu_model(poisoned) -> tuple[nn.Module, dict]:
     """SmallCNN(3, 10, width=16), one epoch on the poisoned images; cached; eval mode."""
     from safedl_ext.models import SmallCNN
-    from safedl_ext.report import load_torch_safe, save_torch_atomic
     from safedl_ext.training import train_classifier
 
     x, y = poisoned
-    key = f"smallcnn-w{WIDTH}_cifar10-pc{PER_CLASS}-patch{TARGET}{BASE}_e1_b64_lr0.001_s{SEED}"
-    weights, meta_path = cache_dir() / f"{key}.pt", cache_dir() / f"{key}.json"
     torch.manual_seed(SEED)
     model = SmallCNN(3, 10, width=WIDTH)
-    if weights.exists() and meta_path.exists():
-        model.load_state_dict(load_torch_safe(weights, what="bench model"))
-        meta = {**json.loads(meta_path.read_text()), "cached": True}
-    else:
+
+    def train() -> dict:
         t0 = time.perf_counter()
         train_classifier(model, x, y, epochs=1, batch_size=64, lr=1e-3, seed=SEED)
-        meta = {"model": f"SmallCNN(3, 10, width={WIDTH})", "train_images": int(x.shape[0]),
+        return {"model": f"SmallCNN(3, 10, width={WIDTH})", "train_images": int(x.shape[0]),
                 "epochs": 1, "train_seconds": round(time.perf_counter() - t0, 1),
                 "torch": torch.__version__}
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        save_torch_atomic(weights, model.state_dict())
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-        meta["cached"] = False
+
+    meta = cached_train(model, f"smallcnn-w{WIDTH}_cifar10-pc{PER_CLASS}-patch{TARGET}{BASE}"
+                        f"_e1_b64_lr0.001_s{SEED}", train)
     return model.eval(), meta
 
 

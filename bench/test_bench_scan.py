@@ -73,7 +73,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, THREADS, cache_dir, data_root, require_native
+from conftest import REPO_ROOT, THREADS, cached_train, data_root, require_native
 from scan_memory import activation_data, art_ac, art_ss, ours_ac, ours_ss
 from torch import Tensor, nn
 
@@ -110,27 +110,21 @@ def scan_model(cifar20k) -> tuple[nn.Module, dict]:
     """SmallCNN(3, 10, width=16), one epoch on the 20,000 images; cached. Eval mode,
     parameters frozen."""
     from safedl_ext.models import SmallCNN
-    from safedl_ext.report import load_torch_safe, save_torch_atomic
     from safedl_ext.training import accuracy, train_classifier
 
     x, y, xt, yt = cifar20k
-    key = f"smallcnn-w{WIDTH}_cifar10-pc{PER_CLASS}_e{EPOCHS}_b64_lr0.001_s{SEED}"
-    weights, meta_path = cache_dir() / f"{key}.pt", cache_dir() / f"{key}.json"
     torch.manual_seed(SEED)
     model = SmallCNN(3, 10, width=WIDTH)
-    if weights.exists() and meta_path.exists():
-        model.load_state_dict(load_torch_safe(weights, what="bench model"))
-        meta = {**json.loads(meta_path.read_text()), "cached": True}
-    else:
+
+    def train() -> dict:
         t0 = time.perf_counter()
         train_classifier(model, x, y, epochs=EPOCHS, batch_size=64, lr=1e-3, seed=SEED)
-        meta = {"model": f"SmallCNN(3, 10, width={WIDTH})", "train_images": int(x.shape[0]),
+        return {"model": f"SmallCNN(3, 10, width={WIDTH})", "train_images": int(x.shape[0]),
                 "epochs": EPOCHS, "train_seconds": round(time.perf_counter() - t0, 1),
                 "clean_acc_test1000": accuracy(model, xt, yt), "torch": torch.__version__}
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        save_torch_atomic(weights, model.state_dict())
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-        meta["cached"] = False
+
+    meta = cached_train(model, f"smallcnn-w{WIDTH}_cifar10-pc{PER_CLASS}_e{EPOCHS}_b64_lr0.001"
+                        f"_s{SEED}", train)
     model.eval().requires_grad_(False)
     return model, meta
 
