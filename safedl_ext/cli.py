@@ -719,8 +719,7 @@ def _cmd_neutralize(args: argparse.Namespace) -> int:
         raise ValueError(f"--scan {report_path} is not a JSON scan report ({exc})") from None
     config = _neutralize_config(args)
     data = load_scan_data(args.data)
-    digest = data.digest()
-    check_scan_report(report, data, digest)
+    check_scan_report(report, data)
     if not report.get("poisoned") or report.get("target_class") is None:
         print("the scan found no backdoor: nothing to neutralize (nothing written)")
         return 0
@@ -735,7 +734,7 @@ def _cmd_neutralize(args: argparse.Namespace) -> int:
     result.timings["total"] = time.perf_counter() - t0
     write_neutralize_report(result, out, extra={
         "model": {"path": str(args.model), "arch": args.arch},
-        "data": {"source": data.source, "shape": list(data.shape), "digest": digest},
+        "data": {"source": data.source, "shape": list(data.shape), "digest": data.digest()},
         "scan": {"path": str(report_path), "suspicious": len(report["suspicious_indices"])},
         "files": files})
     _print_before_after(result.before, result.after)

@@ -80,6 +80,7 @@ class ScanData:
         self.x, self.y = x, y
         self.classes = tuple(classes) if classes is not None else None
         self.source = source
+        self._digest: tuple[tuple[tuple[int, int, tuple[int, ...]], ...], str] | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -106,8 +107,14 @@ class ScanData:
 
     def digest(self) -> str:
         """A cheap content hash of the images and labels (to refuse resuming a scan on
-        other data)."""
-        return f"{tensor_digest(self.x)}-{tensor_digest(self.y)}"
+        other data). Computed once (two passes over the images) and kept until ``x`` or
+        ``y`` is replaced or modified in place (their storage and version counters)."""
+        key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in (self.x, self.y))
+        cached = self._digest
+        if cached is None or cached[0] != key:
+            cached = (key, f"{tensor_digest(self.x)}-{tensor_digest(self.y)}")
+            self._digest = cached
+        return cached[1]
 
 
 def _npz(path: Path) -> ScanData:

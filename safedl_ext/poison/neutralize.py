@@ -547,7 +547,7 @@ def neutralize(model: Any, data: ScanData, scan: Any, *,
         p.requires_grad_(True)
     timings: dict[str, float] = {}
     outp = Path(out) if out is not None else None
-    if outp is not None:  # the resume's identity (the digest: two passes over the images)
+    if outp is not None:  # the resume's identity
         identity = {"config": cfg.identity(), "data": data.digest(), "target": target,
                     "base": base, "suspicious": len(suspicious),
                     "suspicious_sum": int(sum(suspicious))}
@@ -638,12 +638,10 @@ def save_neutralized(result: NeutralizeResult, out: str | Path, example: Tensor)
 SCHEMA_VERSION = 1
 
 
-def check_scan_report(report: dict[str, Any], data: ScanData,
-                      digest: str | None = None) -> None:
+def check_scan_report(report: dict[str, Any], data: ScanData) -> None:
     """Refuse a scan report of other data: the sample count (the report's class counts)
     and the data's content digest (``report["data"]["digest"]``, written by
-    :func:`~safedl_ext.poison.report.write_report`) must match ``data`` (``digest``: its
-    :meth:`~safedl_ext.poison.data.ScanData.digest`, when the caller has it already).
+    :func:`~safedl_ext.poison.report.write_report`) must match ``data``.
 
     Raises:
         ValueError: not a gradient scan's report, another count, another digest.
@@ -661,7 +659,7 @@ def check_scan_report(report: dict[str, Any], data: ScanData,
         raise ValueError(f"the scan report counts {n} samples, the data holds {len(data)}: it "
                          "is not the data the scan saw")
     saw = (report.get("data") or {}).get("digest")
-    if saw is not None and saw != (digest or data.digest()):
+    if saw is not None and saw != data.digest():
         raise ValueError("the scan report's data digest differs from this data's: it is not "
                          "the data the scan saw")
 
@@ -698,12 +696,12 @@ def _metrics_figure(before: dict[str, float], after: dict[str, float], path: Pat
 
     from .report import _savefig
 
-    keys = [k for k, _ in MEASURES if k in before and k in after]
+    shown = [(k, name) for k, name in MEASURES if k in before and k in after]
     fig, ax = plt.subplots(figsize=(4.2, 2.4))
-    xs = range(len(keys))
-    ax.bar([x - 0.2 for x in xs], [100 * before[k] for k in keys], 0.4, label="before")
-    ax.bar([x + 0.2 for x in xs], [100 * after[k] for k in keys], 0.4, label="after")
-    ax.set_xticks(list(xs), [k.replace("_", " ") for k in keys], fontsize=8)
+    xs = range(len(shown))
+    ax.bar([x - 0.2 for x in xs], [100 * before[k] for k, _ in shown], 0.4, label="before")
+    ax.bar([x + 0.2 for x in xs], [100 * after[k] for k, _ in shown], 0.4, label="after")
+    ax.set_xticks(list(xs), [name for _, name in shown], fontsize=7)
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
@@ -718,9 +716,8 @@ def write_neutralize_report(result: NeutralizeResult, out: str | Path,
 
     ``report.json`` keys (schema_version 1): ``schema_version``, ``remedy``,
     ``target_class``, ``base_class``, ``config``, ``counts``, ``before``, ``after``
-    (``clean_accuracy``, ``poisoned_accuracy``, ``attack_success`` in [0, 1], those
-    measured), ``timings`` (seconds), ``versions``; the command line adds ``data``,
-    ``model``, ``scan`` and ``files``.
+    (the :data:`MEASURES` keys in [0, 1], those measured), ``timings`` (seconds),
+    ``versions``; the command line adds ``data``, ``model``, ``scan`` and ``files``.
     """
     import platform
 
